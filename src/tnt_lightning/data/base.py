@@ -1,0 +1,51 @@
+"""What every DataModule of the framework shares: batch sizes, workers, pinned memory."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base DataModule. ``has_labels`` is False for cost-only data (no accuracy is measured)."""
+
+    has_labels: bool = True
+
+    def __init__(
+        self,
+        name: str,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{key}={value!r} must be a positive integer")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+        self.name = name
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def check(self, stages: tuple[str, ...]) -> None:
+        """Fail early, before any model is built, if the data for ``stages`` is not usable."""
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )

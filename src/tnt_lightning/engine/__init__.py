@@ -1,0 +1,32 @@
+"""The token-reduction engine: hook points in an unmodified timm ViT, token state, keep counts."""
+
+from .attention import attend, softmax_with_policy
+from .patch import TokenReductionMixin, apply_reducer, backbone_info, remove_reducer
+from .reducer import (
+    AttentionInfo,
+    AttentionNeeds,
+    BackboneInfo,
+    Location,
+    ReductionError,
+    Site,
+    TokenReducer,
+)
+from .tokens import Tokens, gather_rows
+
+__all__ = [
+    "AttentionInfo",
+    "AttentionNeeds",
+    "BackboneInfo",
+    "Location",
+    "ReductionError",
+    "Site",
+    "TokenReducer",
+    "TokenReductionMixin",
+    "Tokens",
+    "apply_reducer",
+    "attend",
+    "backbone_info",
+    "gather_rows",
+    "remove_reducer",
+    "softmax_with_policy",
+]

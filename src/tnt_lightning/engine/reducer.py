@@ -1,0 +1,142 @@
+"""What a token-reduction method is to the engine: a module that acts at declared locations.
+
+A method declares where it acts (:class:`Location`: before block 0, inside block l between the
+attention residual and the MLP, or after block l), what it needs from a block's attention
+(probabilities, keys), and how it reduces :class:`~.tokens.Tokens` there. The engine
+(:mod:`.patch`) calls it; the backbone stays timm's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .tokens import Tokens
+
+
+class Site(str, Enum):
+    PRE = "pre"  # after patch and position embedding, before block 0
+    INSIDE = "inside"  # inside block l: after x + attn(norm1(x)), before the MLP
+    AFTER = "after"  # after block l
+
+
+@dataclass(frozen=True)
+class Location:
+    site: Site
+    block: int = -1
+
+    def __str__(self) -> str:
+        return "before block 0" if self.site is Site.PRE else f"{self.site.value} block {self.block}"
+
+
+@dataclass(frozen=True)
+class AttentionNeeds:
+    probs: bool = False  # post-softmax attention probabilities [B, H, N, N]
+    keys: bool = False  # keys [B, H, N, D/H]
+
+    def __bool__(self) -> bool:
+        return self.probs or self.keys
+
+
+@dataclass
+class AttentionInfo:
+    """What a block's attention produced, for the methods that asked for it."""
+
+    probs: Tensor | None = None
+    keys: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The facts about a timm ViT that schedules and checks depend on."""
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_hidden: int
+    num_prefix: int
+    num_patches: int
+    has_class_token: bool
+    distilled: bool
+    global_pool: str
+
+
+class ReductionError(ValueError):
+    """A method cannot run as configured on this backbone (raised before the model runs)."""
+
+
+class TokenReducer(nn.Module):
+    """Base class of every method.
+
+    Subclasses set ``name``, implement :meth:`locations` and :meth:`reduce`, and override
+    :meth:`needs`, :meth:`bind` and :meth:`from_schedule` as required. ``prop_attn``: add
+    ``log(size)`` to the attention
+    logits of later blocks once tokens carry sizes (ToMe's proportional attention).
+    """
+
+    name: ClassVar[str] = "base"
+    requires_class_token: ClassVar[bool] = False
+    prop_attn: bool = False
+    # True: run on a CLS-only backbone (the DIST token removed), for the paper's EViT/DynamicViT GFLOPs.
+    cls_only_backbone: bool = False
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        self.info: BackboneInfo | None = None
+
+    def bind(self, info: BackboneInfo) -> None:
+        """Check this method against the backbone and remember what it needs of it.
+
+        Raises :class:`ReductionError` with what was asked, why it cannot be done and what would.
+        """
+        if self.requires_class_token and not info.has_class_token:
+            raise ReductionError(
+                f"method={self.name} ranks tokens by the CLS token's attention, but this backbone has no "
+                f"CLS token (global_pool={info.global_pool!r}); use a CLS-token model (DeiT, vit_mnist) or "
+                f"a method that needs none (random, tome, zerotp, tnt, dynamicvit)"
+            )
+        for loc in self.locations():
+            if loc.site is not Site.PRE and not 0 <= loc.block < info.depth:
+                raise ReductionError(
+                    f"method={self.name} acts {loc}, but the backbone has {info.depth} blocks "
+                    f"(0..{info.depth - 1}); choose schedule.blocks within that range"
+                )
+        self.info = info
+
+    @classmethod
+    def from_schedule(
+        cls, schedule: str, blocks: list[int], rates: list[float], info: BackboneInfo, **options
+    ):
+        """The method for a resolved schedule: ``single``/``multi``, blocks, one keep rate per block."""
+        raise NotImplementedError
+
+    def locations(self) -> list[Location]:
+        """Where the method acts in the current mode (``self.training`` may change it)."""
+        raise NotImplementedError
+
+    def needs(self, block: int) -> AttentionNeeds:
+        """What block ``block``'s attention must return for this method."""
+        return AttentionNeeds()
+
+    def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
+        raise NotImplementedError
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This method's own random generator on ``device``, seeded by ``seed`` (reproducible runs)."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def reset_generators(self) -> None:
+        """Restart the random draws, so that an evaluation repeats exactly."""
+        self._generators.clear()
+
+    def extra_repr(self) -> str:
+        return ", ".join(str(loc) for loc in self.locations())

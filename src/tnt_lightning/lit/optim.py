@@ -1,0 +1,60 @@
+"""AdamW with timm's weight-decay grouping and a per-step warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule. ``lr`` is the learning rate actually used (already batch-scaled)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("optim.weight_decay and optim.warmup_epochs must be >= 0")
+        self.betas = tuple(self.betas)
+
+
+def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """timm's rule: no weight decay on biases and other 1-D parameters (norms, tokens)."""
+    decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and a per-step schedule: linear warm-up from ``warmup_lr``, then cosine to ``min_lr``."""
+    if not named_params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    optimizer = torch.optim.AdamW(
+        param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup) / cfg.lr
+        progress = (step - warmup) / max(1, total - warmup)
+        return (
+            cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        ) / cfg.lr
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

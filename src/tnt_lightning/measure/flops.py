@@ -1,0 +1,76 @@
+"""GFLOPs of the forward pass actually run, in the paper's convention.
+
+The TNT paper (and the DynamicViT/TNT `calc_flops.py` it uses) reports fvcore numbers: one
+multiply-add counts as one FLOP, matmuls/convolutions count the product of their dimensions
+(bias ignored), LayerNorm counts 5 per element and everything element-wise is free.
+
+We count with :class:`torch.utils.flop_counter.FlopCounterMode`, which sees every aten op that
+really runs, so token counts that change mid-forward are followed, and nothing is saved for
+tokens that are only masked. Two gaps are filled here:
+
+* LayerNorm is not counted by torch; fvcore counts it as 5 x numel.
+* CPU fused attention (``_scaled_dot_product_flash_attention_for_cpu``) is not in torch's
+  registry, so a timm ViT with fused attention would lose its 2*N^2*D attention matmuls.
+
+ptflops and fvcore miss attention on timm ViTs (README, "Counting GFLOPs"); they are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _layer_norm_flops(input_shape, *args, **kwargs) -> int:
+    # FlopCounterMode counts 2 per multiply-add; fvcore's LayerNorm is 5 per element.
+    return 2 * 5 * _numel(input_shape)
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    *batch, n_q, d = query_shape
+    n_k = key_shape[-2]
+    d_v = value_shape[-1]
+    b = _numel(batch)
+    return 2 * b * n_q * n_k * (d + d_v)
+
+
+def _mv_flops(mat_shape, vec_shape, *args, **kwargs) -> int:
+    return 2 * _numel(mat_shape)
+
+
+_EXTRA_FORMULAS = {
+    aten.native_layer_norm: _layer_norm_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten.mv: _mv_flops,
+}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Multiply-adds of one forward of ``model`` on ``inputs`` (fvcore's "FLOPs")."""
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+            model(inputs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_gflops(model: nn.Module, input_shape: Sequence[int], device: torch.device | str = "cpu") -> float:
+    """GFLOPs of ``model`` at batch 1 in eval mode, as the paper reports them."""
+    inputs = torch.randn(1, *input_shape, device=device)
+    return count_macs(model, inputs) / 1e9

@@ -1,0 +1,82 @@
+"""Token-reduction methods, each a small module the engine plugs into a timm ViT.
+
+``build_reducer`` turns the ``method``/``schedule``/``keep_rate`` config into a method instance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from ..engine import BackboneInfo, ReductionError, TokenReducer
+from .evit import EViT
+from .random_drop import RandomDrop
+from .staged import StagedReducer
+from .tome import ToMe
+from .topk import TopK
+from .tps import ETPS
+from .zerotp import ZeroTP
+
+# Keys of a method config that describe its schedule rather than its constructor.
+SCHEDULE_KEYS = ("_target_", "name", "single_block", "multi_blocks")
+
+__all__ = ["ETPS", "EViT", "RandomDrop", "StagedReducer", "ToMe", "TopK", "ZeroTP", "build_reducer"]
+
+
+def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, single_block: int, depth: int):
+    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null)."""
+    if schedule.name == "single":
+        if schedule.rates is not None:
+            raise ReductionError("schedule=single takes keep_rate, not schedule.rates (use schedule=multi)")
+        default = method.get("single_block")
+        blocks = (
+            list(schedule.blocks)
+            if schedule.blocks is not None
+            else [single_block if default is None else default]
+        )
+        if len(blocks) != 1:
+            raise ReductionError(
+                f"schedule=single acts at one block, got schedule.blocks={blocks}; use schedule=multi"
+            )
+        return blocks, [keep_rate]
+    default = method.get("multi_blocks")
+    if schedule.blocks is not None:
+        blocks = list(schedule.blocks)
+    elif default is not None:
+        blocks = list(default)
+    else:
+        blocks = list(range(depth))
+    if schedule.rates is None:
+        return blocks, [keep_rate] * len(blocks)
+    rates = [float(r) for r in schedule.rates]
+    if len(rates) != len(blocks):
+        raise ReductionError(
+            f"schedule.rates={rates} has {len(rates)} rates but method={method.name} acts at {len(blocks)} "
+            f"locations {blocks}; give one rate per location (or override schedule.blocks)"
+        )
+    return blocks, rates
+
+
+def build_reducer(
+    method: DictConfig, schedule: DictConfig, keep_rate: float, pruning: Any, info: BackboneInfo
+) -> tuple[TokenReducer | None, dict[str, Any]]:
+    """The configured method (None for ``method=none``) and a record of its resolved schedule.
+
+    Method options left null take the backbone's defaults (``model.pruning``: similarity_tokens,
+    pre_similarity_tokens).
+    """
+    if method.name == "none":
+        return None, {"name": "none"}
+    blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning.single_block, info.depth)
+    options = {
+        k: v for k, v in OmegaConf.to_container(method, resolve=True).items() if k not in SCHEDULE_KEYS
+    }
+    for key, value in list(options.items()):
+        if value is None and hasattr(pruning, key):
+            options[key] = getattr(pruning, key)
+    reducer = get_class(method._target_).from_schedule(schedule.name, blocks, rates, info, **options)
+    record = {"name": schedule.name, "blocks": blocks, "rates": rates}
+    record.update({k: v for k, v in options.items() if k != "seed"})
+    return reducer, record

@@ -1,0 +1,27 @@
+"""Random drop (baseline): keep ``int(n * K)`` patch tokens chosen uniformly at random.
+
+Acts after block l (the paper: where TNT acts, METHODS.md 2). Drawn per sample from the method's
+own seeded generator; the kept tokens stay in their original order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine import AttentionInfo, Site, Tokens
+from .keep import keep_floor
+from .staged import StagedReducer
+
+
+class RandomDrop(StagedReducer):
+    name = "random"
+    site = Site.AFTER
+
+    def count_after(self, n: int, rate: float) -> int:
+        return keep_floor(n, rate)
+
+    def prune(self, tokens: Tokens, rate: float, attn: AttentionInfo | None) -> Tokens:
+        batch, n = tokens.x.shape[0], tokens.n
+        draws = torch.rand(batch, n, device=tokens.x.device, generator=self.generator(tokens.x.device))
+        idx = draws.topk(keep_floor(n, rate), dim=1).indices.sort(dim=1).values
+        return tokens.keep(idx)

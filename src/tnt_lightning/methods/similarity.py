@@ -1,0 +1,82 @@
+"""Similarity pruning: drop the tokens most redundant with others (TNT's RPSP, Zero-TP's S-stage).
+
+Both split the candidates into a group A (may be dropped) and a group B, and drop the ``r``
+members of A whose best cosine match in B is highest. They differ in the split: a random
+permutation shared by the batch (TNT, METHODS.md 1.5) or the importance order (Zero-TP, 7.3).
+Functions return indices into the candidates, so callers can carry sizes and sources along.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..engine import gather_rows
+
+
+def _most_redundant(features: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """For A and B given as [B, |A|] / [B, |B|] indices: mask of A members kept, and A's best B match."""
+    a = F.normalize(gather_rows(features, a_idx), dim=-1)
+    b = F.normalize(gather_rows(features, b_idx), dim=-1)
+    best, match = (a @ b.transpose(1, 2)).max(dim=-1)
+    dropped = best.topk(r, dim=1, largest=True, sorted=False).indices
+    keep_a = torch.ones_like(best, dtype=torch.bool).scatter_(1, dropped, False)
+    return keep_a, gather_rows(b_idx, match)
+
+
+def random_partition_prune(
+    features: Tensor, importance: Tensor, r: int, keep: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """TNT's random-partition similarity pruning (RPSP).
+
+    One permutation of the M candidates, shared by the batch: A = its first M // 2, B = the rest.
+    Drop the ``r`` members of A most similar to B; return the survivors' indices ordered by
+    ``importance`` descending, truncated to ``keep``. ``features``: [B, M, D]; ``importance``: [B, M].
+    """
+    batch, m, _ = features.shape
+    perm = torch.randperm(m, device=features.device, generator=generator)
+    a_idx = perm[: m // 2].expand(batch, -1)
+    b_idx = perm[m // 2 :].expand(batch, -1)
+    keep_a, _ = _most_redundant(features, a_idx, b_idx, r)
+    survivors = torch.cat([a_idx[keep_a].view(batch, -1), b_idx], dim=1)
+    order = gather_rows(importance, survivors).argsort(dim=1, descending=True)
+    return gather_rows(survivors, order)[:, :keep]
+
+
+def random_partition_merge(
+    features: Tensor,
+    x: Tensor,
+    importance: Tensor,
+    r: int,
+    keep: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RPSP's "token merge" ablation: average each dropped A token into its best B match.
+
+    Returns the surviving indices (as :func:`random_partition_prune`) and ``x`` with the merged
+    B tokens updated (an unweighted mean of each B token and the A tokens merged into it).
+    """
+    batch, m, dim = features.shape
+    perm = torch.randperm(m, device=features.device, generator=generator)
+    a_idx = perm[: m // 2].expand(batch, -1)
+    b_idx = perm[m // 2 :].expand(batch, -1)
+    keep_a, match = _most_redundant(features, a_idx, b_idx, r)
+    src = a_idx[~keep_a].view(batch, -1)
+    dst = match[~keep_a].view(batch, -1)
+    merged = x.scatter_reduce(1, dst[..., None].expand(-1, -1, dim), gather_rows(x, src), reduce="mean")
+    survivors = torch.cat([a_idx[keep_a].view(batch, -1), b_idx], dim=1)
+    order = gather_rows(importance, survivors).argsort(dim=1, descending=True)
+    return gather_rows(survivors, order)[:, :keep], merged
+
+
+def sequential_partition_prune(features: Tensor, importance: Tensor, r: int) -> Tensor:
+    """Zero-TP's S-stage: sort by importance, B = the more important half, drop ``r`` of A.
+
+    Returns the survivors' indices ordered by importance, descending.
+    """
+    order = importance.argsort(dim=1, descending=True)
+    half = order.shape[1] // 2
+    b_idx, a_idx = order[:, :half], order[:, half:]
+    keep_a, _ = _most_redundant(features, a_idx, b_idx, r)
+    return torch.cat([b_idx, a_idx[keep_a].view(order.shape[0], -1)], dim=1)

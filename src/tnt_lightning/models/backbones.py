@@ -1,0 +1,170 @@
+"""Backbones: timm VisionTransformers, created unchanged, described by a :class:`BackboneSpec`.
+
+A spec is what a ``conf/model/*.yaml`` file instantiates. It names the architecture (a timm
+model name, or keyword arguments for timm's ``VisionTransformer``), where the weights come
+from, and the backbone-dependent defaults of the paper's pruning schedules.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+WEIGHT_SOURCES = ("hub", "pretrain", "checkpoint", "random")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when the weights a run needs cannot be found or downloaded."""
+
+
+@dataclass
+class PruningDefaults:
+    """Backbone-dependent defaults of the paper's schedules (METHODS.md 0.3, 1.3-1.5).
+
+    ``single_block``: block index of the single-layer location ("3rd layer" on DeiT = 2, the
+    ViT/16 one block earlier). ``similarity_tokens``: s of TNT's and Zero-TP's single-layer
+    similarity step (25 DeiT, 30 ViT/16). ``pre_similarity_tokens``: s of TNT's multi-layer
+    pre-block step (40).
+    """
+
+    single_block: int = 2
+    similarity_tokens: int = 25
+    pre_similarity_tokens: int = 40
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to build a backbone and find its weights.
+
+    Exactly one of ``timm_name`` (a registered timm model) or ``arch`` (keyword arguments of
+    timm's ``VisionTransformer``; add ``distilled: true`` for a DIST token) describes it.
+    ``weights``: ``hub`` (timm's pretrained weights), ``pretrain`` (trained by this framework as
+    ``pretrain`` says, then cached), ``checkpoint`` (no public weights: ``checkpoint`` must be given)
+    or ``random``. A ``checkpoint`` file always overrides ``weights``.
+    """
+
+    name: str
+    timm_name: str | None = None
+    arch: dict[str, Any] = field(default_factory=dict)
+    weights: str = "hub"
+    checkpoint: str | None = None
+    release_url: str | None = None
+    num_classes: int = 1000
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    drop_path_rate: float = 0.0
+    fused_attn: bool = True
+    pruning: PruningDefaults = field(default_factory=PruningDefaults)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pruning, dict):
+            self.pruning = PruningDefaults(**self.pruning)
+        self.input_size = tuple(int(s) for s in self.input_size)
+        self.arch = dict(self.arch)
+        self.pretrain = dict(self.pretrain)
+        if (self.timm_name is None) == (not self.arch):
+            raise ValueError(f"model {self.name!r}: give exactly one of model.timm_name or model.arch")
+        if self.weights not in WEIGHT_SOURCES:
+            raise ValueError(f"model.weights={self.weights!r} is not one of {list(WEIGHT_SOURCES)}")
+        if self.weights == "pretrain" and not self.pretrain:
+            raise ValueError(f"model {self.name!r}: model.weights=pretrain needs a model.pretrain section")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        if self.num_classes < 1:
+            raise ValueError(f"model.num_classes={self.num_classes} must be a positive integer")
+
+
+def create_model(spec: BackboneSpec) -> VisionTransformer:
+    """A randomly initialised timm VisionTransformer for ``spec`` (weights are loaded separately)."""
+    kwargs = dict(num_classes=spec.num_classes, drop_path_rate=spec.drop_path_rate)
+    if spec.timm_name is not None:
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    else:
+        arch = dict(spec.arch)
+        cls = VisionTransformerDistilled if arch.pop("distilled", False) else VisionTransformer
+        model = cls(img_size=spec.input_size[1], in_chans=spec.input_size[0], **arch, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model {spec.name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    set_fused_attn(model, spec.fused_attn)
+    return model
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused attention (SDPA) on or off in every attention layer of ``model``."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
+def load_hub_weights(model: VisionTransformer, spec: BackboneSpec, timeout_s: float = 3.0) -> None:
+    """Load timm's pretrained weights for ``spec.timm_name``, failing fast when offline."""
+    if spec.timm_name is None:
+        raise WeightsUnavailableError(
+            f"model {spec.name!r} has no timm hub weights; use model.checkpoint=PATH"
+        )
+    if not _hub_cached(spec.timm_name) and not _reachable("huggingface.co", 443, timeout_s):
+        hint = f" (the release file is {spec.release_url})" if spec.release_url else ""
+        raise WeightsUnavailableError(
+            f"pretrained weights for {spec.name!r} ({spec.timm_name}) are not in the local cache and the "
+            f"timm hub (huggingface.co) cannot be reached from this machine. Download the checkpoint "
+            f"elsewhere{hint} and pass it as model.checkpoint=/path/to/file (DeiT release "
+            f"{{'model': state_dict}} .pth, timm .pth/.bin or .safetensors), or use data=synthetic "
+            f"for a cost-only run that needs no weights."
+        )
+    pretrained = timm.create_model(spec.timm_name, pretrained=True, num_classes=spec.num_classes)
+    model.load_state_dict(pretrained.state_dict())
+
+
+def _hub_cached(timm_name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # pragma: no cover - both ship with timm
+        return False
+    cfg = get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return False
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, filename), str):
+            return True
+    return False
+
+
+def _reachable(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def drop_distillation_token(model: VisionTransformer) -> VisionTransformer:
+    """Turn a distilled DeiT into the CLS-only model the paper's EViT/DynamicViT GFLOPs imply.
+
+    In place: the DIST token, its position embedding and ``head_dist`` are removed (METHODS.md
+    4.3, 5.5). Only for ``paper_flops_compat`` accounting; the result is not a trained model.
+    """
+    if not isinstance(model, VisionTransformerDistilled):
+        return model
+    with torch.no_grad():
+        model.pos_embed = nn.Parameter(torch.cat([model.pos_embed[:, :1], model.pos_embed[:, 2:]], dim=1))
+    del model.dist_token
+    del model.head_dist
+    model.__class__ = VisionTransformer
+    model.num_prefix_tokens = 1
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Total and trainable parameters, in millions."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_m": total / 1e6, "trainable_params_m": trainable / 1e6}

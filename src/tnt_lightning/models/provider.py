@@ -1,0 +1,104 @@
+"""Getting a backbone with the right weights: a local file, timm's hub, or the train-once cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from timm.models.vision_transformer import VisionTransformer
+
+from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
+from .checkpoint import load_backbone_state, read_state_dict
+
+log = logging.getLogger(__name__)
+
+# Trains ``model`` in place as ``spec.pretrain`` says; returns the metrics to store beside the weights.
+PretrainFn = Callable[[VisionTransformer, BackboneSpec], dict[str, Any]]
+
+
+def pretrain_key(spec: BackboneSpec) -> str:
+    """Hash of everything that determines pretrained weights: architecture, classes, input, recipe."""
+    recipe = OmegaConf.to_container(OmegaConf.create(spec.pretrain), resolve=True)
+    blob = {
+        "name": spec.name,
+        "arch": dict(spec.arch),
+        "num_classes": spec.num_classes,
+        "input_size": list(spec.input_size),
+        "pretrain": recipe,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def pretrained_path(spec: BackboneSpec, cache_dir: str | Path) -> Path:
+    return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{pretrain_key(spec)}.pth"
+
+
+def ensure_pretrained(
+    spec: BackboneSpec, cache_dir: str | Path, pretrain: PretrainFn, force: bool = False
+) -> Path:
+    """The cached weights for ``spec``, training them first if they are missing (or ``force``).
+
+    A file lock makes concurrent jobs wait for the one that trains; the file is written to a
+    temporary name and renamed, so nobody reads a half-written checkpoint.
+    """
+    path = pretrained_path(spec, cache_dir)
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists() and not force:
+            log.info("another job trained %s meanwhile: using %s", spec.name, path)
+            return path
+        log.warning(
+            "training backbone %s once (weights: model.weights=pretrain); it will be cached at %s",
+            spec.name,
+            path,
+        )
+        model = create_model(spec)
+        metrics = pretrain(model, spec)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"model": model.state_dict(), "spec_key": pretrain_key(spec), "metrics": metrics}, tmp)
+        os.replace(tmp, path)
+        log.info("cached %s (%s)", path, metrics)
+    return path
+
+
+def load_weights(
+    model: VisionTransformer,
+    spec: BackboneSpec,
+    cache_dir: str | Path,
+    need_weights: bool,
+    pretrain: PretrainFn,
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """Load ``spec``'s weights into ``model``. Returns where they came from, and any tensors of the
+    checkpoint that are not the backbone's (an official method checkpoint's ``alpha_heads``, say)."""
+    if spec.checkpoint:
+        extra = load_backbone_state(
+            model, read_state_dict(spec.checkpoint), f"model.checkpoint={spec.checkpoint}"
+        )
+        return f"checkpoint:{spec.checkpoint}", extra
+    if not need_weights:
+        return "random (cost-only run: the data has no labels)", {}
+    if spec.weights == "hub":
+        load_hub_weights(model, spec)
+        return f"hub:{spec.timm_name}", {}
+    if spec.weights == "pretrain":
+        path = ensure_pretrained(spec, cache_dir, pretrain)
+        load_backbone_state(model, read_state_dict(path), str(path))
+        return f"pretrain:{path}", {}
+    if spec.weights == "checkpoint":
+        raise WeightsUnavailableError(
+            f"model {spec.name!r} has no public weights: pass a trained checkpoint as model.checkpoint=PATH"
+        )
+    log.warning(
+        "model %s runs with random weights (model.weights=random): accuracy is meaningless", spec.name
+    )
+    return "random", {}

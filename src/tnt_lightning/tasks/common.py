@@ -1,0 +1,108 @@
+"""Pieces every task uses: loggers, trainers, devices, the backbone pretraining recipe, summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from timm.models.vision_transformer import VisionTransformer
+
+from ..lit import ImageClassifier, OptimConfig
+from ..models import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
+    """The run's loggers (W&B offline by default, and a local CSV copy), finished on exit.
+
+    Finishing matters: in one process a second ``wandb.init`` without ``wandb.finish`` silently
+    returns the same run, so a multirun would log every job into the first job's run.
+    """
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    try:
+        yield loggers
+    finally:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+            else:
+                logger.finalize("success")
+
+
+def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:
+    """Log the run's final metrics (scalars only) to every logger, and to W&B's run summary."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for logger in loggers:
+        logger.log_metrics(scalars)
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(scalars)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overrides: Any) -> L.Trainer:
+    return instantiate(cfg.trainer, logger=loggers, **overrides)
+
+
+def pretrain_fn(cfg: DictConfig):
+    """The recipe that trains a small backbone from scratch (``model.pretrain``), for the cache."""
+
+    def pretrain(model: VisionTransformer, spec: BackboneSpec) -> dict[str, Any]:
+        recipe = OmegaConf.create(spec.pretrain)
+        L.seed_everything(recipe.seed, workers=True)
+        datamodule = instantiate(recipe.data)
+        module = ImageClassifier(
+            model, datamodule.num_classes, OptimConfig(**recipe.optim), label_smoothing=recipe.label_smoothing
+        )
+        trainer = make_trainer(
+            cfg, max_epochs=recipe.epochs, enable_checkpointing=False, check_val_every_n_epoch=recipe.epochs
+        )
+        trainer.fit(module, datamodule=datamodule)
+        (result,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        model.cpu().eval()
+        return {"val_acc1": result["val/acc1"], "val_acc5": result["val/acc5"], "epochs": recipe.epochs}
+
+    return pretrain
+
+
+def format_summary(record: dict[str, Any]) -> str:
+    """The few lines a person reads at the end of a run."""
+    m = record["metrics"]
+    parts = []
+    if m.get("acc1") is not None:
+        parts.append(f"top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%")
+    if m.get("gflops") is not None:
+        parts.append(f"GFLOPs {m['gflops']:.4g}")
+    if m.get("throughput_img_s") is not None:
+        tp = record["details"]["throughput"]
+        parts.append(
+            f"throughput {m['throughput_img_s']:.1f} img/s ({tp['mode']}, batch {tp['batch_size']}, "
+            f"{tp['device']}, {tp['threads']} threads)"
+        )
+    if m.get("params_m") is not None:
+        parts.append(f"params {m['params_m']:.3f}M")
+    head = (
+        f"{record['task']}: {record['model']} / {record['method']} (keep_rate={record['keep_rate']}) "
+        f"on {record['data']}"
+    )
+    status = "" if record["status"] == "ok" else f"  [{record['status']}: {record['error']['message']}]"
+    return "\n".join([head + status, "  " + "  ".join(parts), f"  run {record['run_id']}"])

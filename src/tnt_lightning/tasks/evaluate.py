@@ -1,0 +1,87 @@
+"""``task=eval``: accuracy, GFLOPs, throughput and parameters of a backbone with a method applied."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ..config import ConfigError
+from ..data import ClassificationDataModule
+from ..engine import apply_reducer, backbone_info
+from ..lit import ImageClassifier
+from ..measure import count_gflops, measure_throughput
+from ..methods import build_reducer
+from ..models import BackboneSpec, count_parameters, create_model, drop_distillation_token, load_weights
+from ..results import results_path
+from .common import format_summary, job_loggers, log_summary, make_trainer, pretrain_fn, resolve_device
+from .records import RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+def check_data_fits_model(datamodule: ClassificationDataModule, spec: BackboneSpec) -> None:
+    if datamodule.has_labels and datamodule.num_classes != spec.num_classes:
+        raise ConfigError(
+            f"data={datamodule.name} has {datamodule.num_classes} classes but model={spec.name} has "
+            f"model.num_classes={spec.num_classes}"
+        )
+    data_shape = getattr(datamodule, "input_size", None)
+    if data_shape is not None and tuple(data_shape) != tuple(spec.input_size):
+        raise ConfigError(
+            f"data={datamodule.name} gives inputs of shape {tuple(data_shape)} but model={spec.name} "
+            f"expects model.input_size={list(spec.input_size)}"
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate one configuration and append its record; returns the record."""
+    recorder = RunRecorder(cfg, keep_rate=1.0 if cfg.method.name == "none" else cfg.keep_rate)
+    with job_loggers(cfg) as loggers, recorder:
+        spec: BackboneSpec = instantiate(cfg.model)
+        datamodule: ClassificationDataModule = instantiate(cfg.data)
+        if datamodule.has_labels:
+            datamodule.check(("test",))
+        check_data_fits_model(datamodule, spec)
+
+        model = create_model(spec)
+        reducer, schedule = build_reducer(
+            cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
+        )
+        recorder.fields["schedule"] = schedule
+        if reducer is not None:
+            reducer.bind(backbone_info(model))  # a method that cannot run fails before any weights load
+        weights, _ = load_weights(model, spec, cfg.paths.cache_dir, datamodule.has_labels, pretrain_fn(cfg))
+        recorder.details["weights"] = weights
+        if reducer is not None:
+            if reducer.cls_only_backbone:
+                drop_distillation_token(model)
+            apply_reducer(model, reducer)
+        recorder.metrics.update(count_parameters(model))
+
+        if cfg.measure.gflops:
+            recorder.metrics["gflops"] = count_gflops(model, spec.input_size)
+        if datamodule.has_labels:
+            trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
+            (result,) = trainer.test(ImageClassifier(model, datamodule.num_classes), datamodule=datamodule)
+            recorder.metrics.update(acc1=result["test/acc1"], acc5=result["test/acc5"])
+        if cfg.measure.throughput:
+            device = resolve_device(cfg.measure.device)
+            tp = measure_throughput(
+                model.to(device),
+                spec.input_size,
+                device,
+                batch_size=cfg.measure.batch_size,
+                warmup=cfg.measure.warmup,
+                iters=cfg.measure.iters,
+                mode=cfg.measure.throughput_mode,
+                repeats=cfg.measure.repeats,
+            )
+            recorder.metrics["throughput_img_s"] = tp["throughput_img_s"]
+            recorder.details["throughput"] = tp
+        log_summary(loggers, recorder.metrics)
+    print(format_summary(recorder.record))
+    print(f"  results: {results_path(cfg.paths.results_dir)}")
+    return recorder.record

@@ -1,0 +1,40 @@
+"""``task=pretrain``: train a small backbone from scratch and store it in the train-once cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ..config import ConfigError
+from ..models import BackboneSpec, count_parameters, ensure_pretrained
+from ..results import results_path
+from .common import format_summary, job_loggers, log_summary, pretrain_fn
+from .records import RunRecorder
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """(Re)train ``model`` as its ``pretrain`` recipe says and cache the weights."""
+    recorder = RunRecorder(cfg, keep_rate=1.0)
+    with job_loggers(cfg) as loggers, recorder:
+        spec: BackboneSpec = instantiate(cfg.model)
+        if not spec.pretrain:
+            raise ConfigError(
+                f"model={spec.name} has no pretrain recipe (model.pretrain); task=pretrain trains the "
+                f"small offline backbones (vit_mnist, vit_mnist_meanpool)"
+            )
+        metrics: dict[str, Any] = {}
+
+        def train_and_keep(model, spec_):
+            metrics.update(pretrain_fn(cfg)(model, spec_))
+            recorder.metrics.update(count_parameters(model))
+            return metrics
+
+        path = ensure_pretrained(spec, cfg.paths.cache_dir, train_and_keep, force=True)
+        recorder.details["weights"] = str(path)
+        recorder.metrics.update(acc1=metrics["val_acc1"], acc5=metrics["val_acc5"])
+        log_summary(loggers, recorder.metrics)
+    print(format_summary(recorder.record))
+    print(f"  weights: {path}\n  results: {results_path(cfg.paths.results_dir)}")
+    return recorder.record

@@ -1,0 +1,79 @@
+"""End to end through run.py: the embedded default, multiruns, the results store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_py
+from tnt_lightning.results import read_records
+
+RECORD_FIELDS = {
+    "run_id",
+    "created_at",
+    "status",
+    "task",
+    "model",
+    "method",
+    "keep_rate",
+    "schedule",
+    "data",
+    "metrics",
+    "config",
+    "env",
+    "config_key",
+}
+
+
+def test_default_run_trains_vit_mnist_once_and_reports_real_accuracy(default_run):
+    root, proc = default_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training backbone vit_mnist once" in proc.stdout + proc.stderr
+    (record,) = read_records(root / "results")
+    assert set(record) >= RECORD_FIELDS
+    assert record["status"] == "ok" and record["task"] == "eval" and record["method"] == "none"
+    m = record["metrics"]
+    assert m["acc1"] >= 80.0, m
+    assert set(m) >= {"acc1", "acc5", "gflops", "throughput_img_s", "params_m"}
+    assert m["gflops"] == pytest.approx(0.01201, abs=5e-5)
+    assert set(record["env"]) >= {"torch", "timm", "lightning", "device", "git_commit"}
+    assert record["config"]["model"]["name"] == "vit_mnist"
+    assert f"top-1 {m['acc1']:.2f}%" in proc.stdout and "results:" in proc.stdout
+    assert len(list((root / "cache" / "backbones").glob("vit_mnist-*.pth"))) == 1
+
+
+def test_two_job_multirun_records_both(tmp_path):
+    proc = run_py(
+        ["-m", "model=vit_mnist,vit_mnist_meanpool", "data=synthetic", "measure.throughput=false"],
+        tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(tmp_path / "results")
+    assert [r["model"] for r in records] == ["vit_mnist", "vit_mnist_meanpool"]
+    assert all(
+        r["status"] == "ok" and r["metrics"]["gflops"] > 0 and "acc1" not in r["metrics"] for r in records
+    )
+    assert records[0]["config_key"] != records[1]["config_key"]
+    assert not (tmp_path / "cache").exists(), "a cost-only run must not train a backbone"
+
+
+def test_failed_run_is_recorded_with_its_error_and_what_it_measured(tmp_path):
+    proc = run_py(
+        ["data=imagefolder", f"data.root={tmp_path / 'missing'}", "model=vit_mnist"], tmp_path, timeout=300
+    )
+    assert proc.returncode != 0
+    (record,) = read_records(tmp_path / "results")
+    assert record["status"] == "failed"
+    assert record["error"]["type"] == "DataLayoutError" and "missing" in record["error"]["message"]
+
+
+def test_results_lines_are_whole_json(tmp_path):
+    from tnt_lightning.results import append_record
+
+    for i in range(3):
+        append_record(tmp_path, {"run_id": str(i), "payload": "x" * 10_000})
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in lines] == ["0", "1", "2"]
+    assert not list(tmp_path.glob(".results-*"))
