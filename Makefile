@@ -3,7 +3,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean clean-all
+.PHONY: help install test test-full lint clean clean-all bench
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -28,3 +28,7 @@ clean: ## Remove run folders and Python caches (keeps results/ and cache/)
 
 clean-all: clean ## Also remove results/, cache/ (trained backbones and heads) and wandb/
 	rm -rf results cache wandb reports
+
+BENCH_ARGS ?=
+bench: ## Speed of every method vs the unpruned DeiT-S, in one process (BENCH_ARGS="--model deit_tiny_distilled")
+	$(PYTHON) -m tnt_lightning.bench $(BENCH_ARGS)

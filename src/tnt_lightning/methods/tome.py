@@ -28,6 +28,10 @@ from ..engine import (
 )
 from .keep import tome_merge_count, tome_single_layer_r
 
+# keys_mean: the official metric, the block's keys averaged over heads (D/H wide). keys: all heads
+# concatenated (D wide), which the paper's own ViT/16 ToMe GFLOPs fit (METHODS.md 6.4).
+METRICS = ("keys_mean", "keys")
+
 
 class ToMe(TokenReducer):
     name = "tome"
@@ -37,6 +41,7 @@ class ToMe(TokenReducer):
         blocks: Sequence[int],
         r: Sequence[int],
         prop_attn: bool = True,
+        metric: str = "keys_mean",
         strict_half: bool = False,
         seed: int = 0,
     ) -> None:
@@ -45,7 +50,10 @@ class ToMe(TokenReducer):
             raise ReductionError(f"method=tome: {len(r)} values of r for {len(blocks)} blocks {list(blocks)}")
         if any(v < 0 for v in r):
             raise ReductionError(f"method=tome: r={list(r)} must be >= 0 tokens per block")
+        if metric not in METRICS:
+            raise ReductionError(f"method.metric={metric!r} is not one of {list(METRICS)}")
         self.r = {int(b): int(v) for b, v in zip(blocks, r, strict=True)}
+        self.metric = metric
         self.prop_attn = prop_attn
         self.strict_half = strict_half
 
@@ -90,7 +98,8 @@ class ToMe(TokenReducer):
         r = tome_merge_count(self.r[loc.block], tokens.n)
         if r <= 0:
             return tokens
-        unm_idx, src_idx, dst_idx = self.match(attn.keys.mean(dim=1), r, tokens.num_prefix)
+        keys = attn.keys.mean(dim=1) if self.metric == "keys_mean" else attn.keys.transpose(1, 2).flatten(2)
+        unm_idx, src_idx, dst_idx = self.match(keys, r, tokens.num_prefix)
         size = tokens.size if tokens.size is not None else tokens.x.new_ones(*tokens.x.shape[:2], 1)
 
         def merge(t: Tensor, mode: str) -> Tensor:

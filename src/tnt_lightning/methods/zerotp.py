@@ -8,7 +8,8 @@ No official code exists; this follows the paper, the TNT paper's use of it and t
   root-mean-square (our choice; ``head_aggregation: mean`` is the option). Prefix tokens take part
   in the graph; only patches are ranked. Keeps the top ``int(n * rate) + s``.
 * S-stage: sequential partition by importance (B = the more important half) on the keys, heads
-  concatenated; drops the ``s`` members of A most similar to B.
+  concatenated; drops the ``s`` members of A most similar to B (``s`` is clamped, with a warning,
+  to half the candidates: late multi-layer locations can have fewer than 2s tokens).
 
 Single-layer: itr 50, s = 25 (DeiT) / 30 (ViT/16). Multi-layer: after blocks 0,2,5,8,10 with
 itr [30,5,5,1,1]; the first and last locations are similarity-only (rate 1, s = ``s_multi``), the
@@ -17,6 +18,7 @@ others importance-only. The paper's multi-layer GFLOPs cannot be reproduced (MET
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -35,6 +37,8 @@ from .keep import keep_floor
 from .similarity import sequential_partition_prune
 
 HEAD_AGGREGATIONS = ("rms", "mean")
+
+log = logging.getLogger(__name__)
 
 
 def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
@@ -127,13 +131,19 @@ class ZeroTP(TokenReducer):
         super().bind(info)
         n = info.num_patches
         for loc in self.locations():
-            rate, _, s = self.stages[loc.block]
+            rate, iterations, s = self.stages[loc.block]
             candidates = min(n, keep_floor(n, rate) + s)
             if s > candidates // 2:
-                raise ReductionError(
-                    f"method=zerotp {loc}: the similarity stage cannot drop s={s} of {candidates} candidates "
-                    f"(at most half); lower method.similarity_tokens or raise the keep rate"
+                log.warning(
+                    "zerotp %s: the similarity stage can drop at most half of its %d candidates; s=%d is "
+                    "clamped to %d",
+                    loc,
+                    candidates,
+                    s,
+                    candidates // 2,
                 )
+                s = candidates // 2
+                self.stages[loc.block] = (rate, iterations, s)
             n = candidates - s
             if n < 1:
                 raise ReductionError(f"method=zerotp {loc} would keep no token; raise the keep rate")

@@ -1,0 +1,83 @@
+"""The paper's GFLOPs, reproduced from its own tables (METHODS.md section 12).
+
+Every row of the paper's result tables that names a runnable setting of an implemented method is
+run (random weights, batch 1) and its GFLOPs must round to the printed value: |ours - printed| <=
+0.005. Known misprints (``paper/anchor_exceptions.csv``) must *not* match, so the list stays
+honest; groups that are not anchors at all (Zero-TP multi-layer, DynamicViT on ViT/16) are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import CONF, compose_config
+from tnt_lightning.engine import apply_reducer, backbone_info, remove_reducer
+from tnt_lightning.measure import count_macs
+from tnt_lightning.methods import build_reducer
+from tnt_lightning.models import create_model, drop_distillation_token
+from tnt_lightning.paper import anchor_exception, describe_row, load_results, overrides_for
+
+IMPLEMENTED = {p.stem for p in (CONF / "method").glob("*.yaml")}
+ROWS = [
+    r
+    for r in load_results()
+    if (o := overrides_for(r)) is not None and o[1].removeprefix("method=") in IMPLEMENTED
+]
+_MODELS: dict[tuple[str, bool], torch.nn.Module] = {}
+
+
+def measured_gflops(overrides: list[str], tmp_path) -> float:
+    cfg = compose_config(overrides, tmp_path)
+    spec = instantiate(cfg.model)
+    probe = create_model(spec) if (spec.name, False) not in _MODELS else _MODELS[(spec.name, False)]
+    _MODELS.setdefault((spec.name, False), probe)
+    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(probe))
+    compat = reducer is not None and reducer.cls_only_backbone
+    if (spec.name, compat) not in _MODELS:
+        _MODELS[(spec.name, compat)] = drop_distillation_token(create_model(spec))
+    model = _MODELS[(spec.name, compat)]
+    if reducer is None:
+        return count_macs(model, torch.randn(1, *spec.input_size)) / 1e9
+    apply_reducer(model, reducer)
+    try:
+        return count_macs(model, torch.randn(1, *spec.input_size)) / 1e9
+    finally:
+        remove_reducer(model)
+
+
+def test_every_table_contributes_anchors():
+    tables = {r["table"] for r in ROWS if anchor_exception(r) is None}
+    assert {
+        "2",
+        "5",
+        "6",
+        "7",
+        "8",
+        "9",
+        "10",
+        "11",
+        "12",
+        "13",
+        "14",
+        "15",
+        "16",
+        "17",
+        "18",
+        "19",
+        "20",
+    } <= tables
+
+
+@pytest.mark.parametrize("row", ROWS, ids=describe_row)
+def test_paper_gflops(row, tmp_path):
+    exception = anchor_exception(row)
+    if exception is not None and exception["exact"] == "no":
+        pytest.skip(exception["reason"])
+    gflops = measured_gflops(overrides_for(row), tmp_path)
+    printed = float(row["gflops"])
+    if exception is not None:
+        assert abs(gflops - printed) > 0.005, f"listed as a misprint but reproduced: {exception['reason']}"
+    else:
+        assert abs(gflops - printed) <= 0.005 + 1e-9, f"computed {gflops:.4f}, printed {printed}"
