@@ -8,7 +8,11 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Base DataModule. ``has_labels`` is False for cost-only data (no accuracy is measured)."""
+    """Base DataModule. ``has_labels`` is False for cost-only data (no accuracy is measured).
+
+    ``train_overrides``: changes to a learned method's training recipe for this dataset's scale
+    (the recipes in ``conf/method`` are the official ImageNet ones).
+    """
 
     has_labels: bool = True
 
@@ -19,6 +23,7 @@ class ClassificationDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        train_overrides: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -31,6 +36,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        # Learned methods' recipes (conf/method/*.yaml) are ImageNet's; a small dataset shortens them.
+        self.train_overrides = dict(train_overrides or {})
 
     @property
     def num_classes(self) -> int:

@@ -83,8 +83,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 8,
         pin_memory: bool | None = None,
+        train_overrides: dict | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         if root is None or str(root) in ("", "???"):
             raise DataLayoutError(
                 f"data={name} needs data.root=/path/to/dataset (with {train_split}/ and {val_split}/)"

@@ -70,8 +70,9 @@ class MNISTDataModule(ClassificationDataModule):
         split_seed: int = 0,
         train_per_class: int = 400,
         max_shift: int = 0,
+        train_overrides: dict | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         if not 0 < train_per_class < 500:
             raise ValueError(
                 f"data.train_per_class={train_per_class} must be in 1..499 (500 digits per class)"

@@ -23,8 +23,9 @@ class SyntheticDataModule(ClassificationDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        train_overrides: dict | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         self.input_size = tuple(int(s) for s in input_size)
         self.num_samples = num_samples
         self._num_classes = num_classes

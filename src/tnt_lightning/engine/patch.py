@@ -135,6 +135,7 @@ def apply_reducer(
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"token reduction needs a timm VisionTransformer, got {type(model).__name__}")
     reducer.bind(backbone_info(model))
+    reducer.train(model.training)
     if not isinstance(model, TokenReductionMixin):
         model.__class__ = _reducing_class(type(model))
     model.reducer = reducer

@@ -2,5 +2,6 @@
 
 from .classifier import ImageClassifier
 from .optim import OptimConfig, build_optimizer
+from .reduction import TokenReductionModule
 
-__all__ = ["ImageClassifier", "OptimConfig", "build_optimizer"]
+__all__ = ["ImageClassifier", "OptimConfig", "TokenReductionModule", "build_optimizer"]

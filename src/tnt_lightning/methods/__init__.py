@@ -11,18 +11,35 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine import BackboneInfo, ReductionError, TokenReducer
+from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
+from .learned import LearnedReducer
 from .random_drop import RandomDrop
 from .staged import StagedReducer
+from .tnt import TNT
 from .tome import ToMe
 from .topk import TopK
 from .tps import ETPS
 from .zerotp import ZeroTP
 
-# Keys of a method config that describe its schedule rather than its constructor.
-SCHEDULE_KEYS = ("_target_", "name", "single_block", "multi_blocks")
+# Keys of a method config that are not constructor options: its schedule defaults, and for learned
+# methods where trained parameters come from and how they are trained.
+NON_OPTION_KEYS = ("_target_", "name", "single_block", "multi_blocks", "checkpoint", "train")
 
-__all__ = ["ETPS", "EViT", "RandomDrop", "StagedReducer", "ToMe", "TopK", "ZeroTP", "build_reducer"]
+__all__ = [
+    "DTPS",
+    "ETPS",
+    "EViT",
+    "DynamicViT",
+    "LearnedReducer",
+    "RandomDrop",
+    "StagedReducer",
+    "TNT",
+    "ToMe",
+    "TopK",
+    "ZeroTP",
+    "build_reducer",
+]
 
 
 def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, single_block: int, depth: int):
@@ -71,7 +88,7 @@ def build_reducer(
         return None, {"name": "none"}
     blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning.single_block, info.depth)
     options = {
-        k: v for k, v in OmegaConf.to_container(method, resolve=True).items() if k not in SCHEDULE_KEYS
+        k: v for k, v in OmegaConf.to_container(method, resolve=True).items() if k not in NON_OPTION_KEYS
     }
     for key, value in list(options.items()):
         if value is None and hasattr(pruning, key):

@@ -25,19 +25,37 @@ def _most_redundant(features: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> t
     return keep_a, gather_rows(b_idx, match)
 
 
+def _random_partition(
+    batch: int, m: int, device: torch.device, generator: torch.Generator | None, per_sample: bool
+) -> tuple[Tensor, Tensor]:
+    """Groups A (first M // 2 of a random permutation) and B (the rest), as [B, .] indices.
+
+    The official code draws one permutation per call, shared by the batch (so results depend on
+    the batch size); ``per_sample`` draws one per sample.
+    """
+    if per_sample:
+        perm = torch.rand(batch, m, device=device, generator=generator).argsort(dim=1)
+    else:
+        perm = torch.randperm(m, device=device, generator=generator).expand(batch, -1)
+    return perm[:, : m // 2], perm[:, m // 2 :]
+
+
 def random_partition_prune(
-    features: Tensor, importance: Tensor, r: int, keep: int, generator: torch.Generator | None = None
+    features: Tensor,
+    importance: Tensor,
+    r: int,
+    keep: int,
+    generator: torch.Generator | None = None,
+    per_sample: bool = False,
 ) -> Tensor:
     """TNT's random-partition similarity pruning (RPSP).
 
-    One permutation of the M candidates, shared by the batch: A = its first M // 2, B = the rest.
-    Drop the ``r`` members of A most similar to B; return the survivors' indices ordered by
-    ``importance`` descending, truncated to ``keep``. ``features``: [B, M, D]; ``importance``: [B, M].
+    A random permutation of the M candidates: A = its first M // 2, B = the rest. Drop the ``r``
+    members of A most similar to B; return the survivors' indices ordered by ``importance``
+    descending, truncated to ``keep``. ``features``: [B, M, D]; ``importance``: [B, M].
     """
     batch, m, _ = features.shape
-    perm = torch.randperm(m, device=features.device, generator=generator)
-    a_idx = perm[: m // 2].expand(batch, -1)
-    b_idx = perm[m // 2 :].expand(batch, -1)
+    a_idx, b_idx = _random_partition(batch, m, features.device, generator, per_sample)
     keep_a, _ = _most_redundant(features, a_idx, b_idx, r)
     survivors = torch.cat([a_idx[keep_a].view(batch, -1), b_idx], dim=1)
     order = gather_rows(importance, survivors).argsort(dim=1, descending=True)
@@ -51,6 +69,7 @@ def random_partition_merge(
     r: int,
     keep: int,
     generator: torch.Generator | None = None,
+    per_sample: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """RPSP's "token merge" ablation: average each dropped A token into its best B match.
 
@@ -58,9 +77,7 @@ def random_partition_merge(
     B tokens updated (an unweighted mean of each B token and the A tokens merged into it).
     """
     batch, m, dim = features.shape
-    perm = torch.randperm(m, device=features.device, generator=generator)
-    a_idx = perm[: m // 2].expand(batch, -1)
-    b_idx = perm[m // 2 :].expand(batch, -1)
+    a_idx, b_idx = _random_partition(batch, m, features.device, generator, per_sample)
     keep_a, match = _most_redundant(features, a_idx, b_idx, r)
     src = a_idx[~keep_a].view(batch, -1)
     dst = match[~keep_a].view(batch, -1)

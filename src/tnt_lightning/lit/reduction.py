@@ -1,0 +1,109 @@
+"""One LightningModule for every learned method: a frozen backbone, only the method's parameters train.
+
+The method supplies its loss (:meth:`LearnedReducer.training_loss`); this module supplies the
+rest of the recipe: the frozen backbone kept in the mode the recipe says after every ``fit`` step,
+mixup/cutmix with soft targets, AdamW with the recipe's schedule, validation of the pruned model
+*and* of the full-token model, and checkpoints that hold only the trained parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..methods.learned import LearnedReducer
+from .classifier import ImageClassifier
+from .optim import OptimConfig, build_optimizer
+
+
+class TokenReductionModule(ImageClassifier):
+    """Trains ``model.reducer``'s parameters on a frozen ``model`` (a timm ViT with a reducer applied)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optim: OptimConfig,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+    ) -> None:
+        super().__init__(model, num_classes, optim, label_smoothing)
+        reducer: LearnedReducer = model.reducer
+        self.reducer = reducer
+        trainable = reducer.trainable_parameters()  # asked before freezing: it may read requires_grad
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, p in trainable:
+            p.requires_grad_(True)
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        self.strict_loading = False  # checkpoints hold only the trained parameters
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_acc1_full"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def _set_modes(self) -> None:
+        """Backbone in the recipe's mode (TNT: train mode, drop path active); the method trains."""
+        self.model.train(self.reducer.backbone_in_train_mode())
+        self.reducer.train()
+
+    def on_train_epoch_start(self) -> None:
+        self._set_modes()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._set_modes()
+
+    def on_fit_end(self) -> None:
+        self.model.eval()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        targets = y
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            x, targets = self.mixup(x, y)
+        out = self.reducer.training_loss(self.model, x, targets, self.label_smoothing)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        for name, value in out.stats.items():
+            self.log(f"train/{name}", value)
+        return out.loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        super()._eval_step(batch, stage)
+        x, y = batch
+        with self.model.reduction_disabled():
+            self.metrics[f"{stage}_acc1_full"].update(self.model(x), y)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        super()._eval_epoch_end(stage)
+        metric = self.metrics[f"{stage}_acc1_full"]
+        self.log(f"{stage}/acc1_full", 100.0 * metric.compute())
+        metric.reset()
+
+    def configure_optimizers(self):
+        steps = self.trainer.estimated_stepping_batches
+        epochs = max(1, self.trainer.max_epochs or 1)
+        optimizer, scheduler = build_optimizer(
+            self.reducer.trainable_parameters(), self.optim, max(1, steps // epochs), epochs
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: only what trains -----------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained = {f"model.reducer.{n}" for n, _ in self.reducer.trainable_parameters()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}

@@ -1,0 +1,358 @@
+"""Training learned methods, once per trained artefact (``task=train``, and on demand for ``task=eval``).
+
+A trained artefact is identified by what determines it: the method's training options
+(:meth:`LearnedReducer.training_key`: a TNT allocator does not depend on the keep rate, a
+DynamicViT predictor does), the backbone and its weights, the data, the recipe and the seed. It
+lives in ``<cache_dir>/methods/<method>-<model>-<hash>/``: ``last.ckpt`` (Lightning, for resuming
+a killed run) while training, then ``trained.pth`` (only the trained parameters, with that
+identity). A file lock lets one job train while concurrent jobs wait, then load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from filelock import FileLock
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import ConfigError
+from ..engine import apply_reducer, backbone_info
+from ..lit import OptimConfig, TokenReductionModule
+from ..methods import LearnedReducer, build_reducer
+from ..models import BackboneSpec, create_model, load_weights, pretrained_path, read_state_dict
+from .common import make_trainer, pretrain_fn
+
+log = logging.getLogger(__name__)
+
+TRAINED_FILE = "trained.pth"
+# Recipe keys that do not change the trained parameters.
+RECIPE_VOLATILE = ("auto", "val_keep_rate")
+DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
+
+
+class TrainedParametersError(RuntimeError):
+    """Trained parameters are missing, or were trained for something else."""
+
+
+def recipe(cfg: DictConfig) -> DictConfig:
+    """The method's training recipe, with the dataset's ``train_overrides`` applied.
+
+    ``data.train_overrides`` holds recipe keys for every method, and optionally a mapping named
+    after a method with keys for that method only (applied last).
+    """
+    if "train" not in cfg.method:
+        raise ConfigError(f"method={cfg.method.name} has no training recipe (method.train)")
+    overrides = OmegaConf.select(cfg, "data.train_overrides") or OmegaConf.create({})
+    common = {k: v for k, v in overrides.items() if not OmegaConf.is_dict(v)}
+    unknown = set(common) - set(cfg.method.train)
+    if unknown:
+        raise ConfigError(
+            f"data.train_overrides sets {sorted(unknown)}, which are not recipe keys; "
+            f"allowed: {sorted(cfg.method.train)}, or a mapping named after a method"
+        )
+    return OmegaConf.merge(cfg.method.train, common, overrides.get(cfg.method.name) or {})
+
+
+def backbone_identity(spec: BackboneSpec, cache_dir: str) -> dict[str, Any]:
+    if spec.checkpoint:
+        path = Path(spec.checkpoint).expanduser()
+        return {"name": spec.name, "checkpoint": str(path.resolve()), "bytes": path.stat().st_size}
+    if spec.weights == "pretrain":
+        return {"name": spec.name, "pretrain": pretrained_path(spec, cache_dir).name}
+    return {"name": spec.name, "weights": spec.weights, "timm_name": spec.timm_name}
+
+
+def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> dict[str, Any]:
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in DATA_VOLATILE}
+    rec = {
+        k: v for k, v in OmegaConf.to_container(recipe(cfg), resolve=True).items() if k not in RECIPE_VOLATILE
+    }
+    return {
+        "method": reducer.training_key(),
+        "backbone": backbone_identity(spec, cfg.paths.cache_dir),
+        "data": data,
+        "recipe": rec,
+        "seed": cfg.seed,
+    }
+
+
+def training_dir(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> Path:
+    blob = json.dumps(training_identity(cfg, spec, reducer), sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return Path(cfg.paths.cache_dir).expanduser() / "methods" / f"{reducer.name}-{spec.name}-{key}"
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The config of the reducer that trains: the run's, except that validation during training
+    prunes as ``train.val_keep_rate`` says (TNT: single-layer at K = 0.5; its heads serve every K)."""
+    val_rate = recipe(cfg).get("val_keep_rate")
+    if val_rate is None:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.keep_rate = val_rate
+    cfg.schedule = {"name": "single", "blocks": None, "rates": None}
+    return cfg
+
+
+def fit(
+    cfg: DictConfig, spec: BackboneSpec, workdir: Path, loggers: list[Logger] | bool
+) -> tuple[LearnedReducer, dict]:
+    """Train the method's parameters on the frozen backbone, resuming from ``workdir/last.ckpt``."""
+    rec = recipe(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
+    model = create_model(train_spec)
+    load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg))
+    tcfg = training_config(cfg)
+    reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
+    apply_reducer(model, reducer)
+    datamodule = instantiate(cfg.data)
+    datamodule.batch_size = int(rec.batch_size)
+    datamodule.check(("fit", "validate"))
+    checkpoints = ModelCheckpoint(dirpath=workdir, save_last=True, save_top_k=0, every_n_epochs=1)
+    trainer = make_trainer(
+        cfg,
+        loggers,
+        max_epochs=int(rec.epochs),
+        callbacks=[checkpoints],
+        enable_checkpointing=True,
+        default_root_dir=str(workdir),
+    )
+    total_batch = int(rec.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+    lr = float(rec.base_lr) * total_batch / rec.lr_batch if rec.lr_batch else float(rec.base_lr)
+    optim = OptimConfig(
+        lr=lr,
+        weight_decay=rec.weight_decay,
+        warmup_epochs=rec.warmup_epochs,
+        warmup_lr=rec.warmup_lr,
+        min_lr=rec.min_lr,
+        schedule=rec.schedule,
+    )
+    module = TokenReductionModule(
+        model,
+        datamodule.num_classes,
+        optim,
+        label_smoothing=rec.label_smoothing,
+        mixup=rec.mixup,
+        cutmix=rec.cutmix,
+    )
+    last = workdir / "last.ckpt"
+    if last.exists():
+        log.warning("resuming %s training from %s", reducer.name, last)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {
+        "val_acc1": val["val/acc1"],
+        "val_acc1_full": val["val/acc1_full"],
+        "lr": lr,
+        "total_batch": total_batch,
+        "epochs": int(rec.epochs),
+    }
+    return reducer, metrics
+
+
+def ensure_trained(
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    reducer: LearnedReducer,
+    loggers: list[Logger] | bool = False,
+    force: bool = False,
+) -> tuple[Path, bool]:
+    """The trained artefact for ``reducer``'s configuration, training it first if it is missing.
+
+    Returns its path and whether this call trained it.
+    """
+    workdir = training_dir(cfg, spec, reducer)
+    final = workdir / TRAINED_FILE
+    if final.exists() and not force:
+        return final, False
+    workdir.mkdir(parents=True, exist_ok=True)
+    # One job trains while concurrent jobs wait. The processes of one DDP job must all train
+    # together, so they take no lock (and only rank 0 writes the file).
+    distributed = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
+    with contextlib.nullcontext() if distributed else FileLock(str(workdir) + ".lock"):
+        if final.exists() and not force:
+            log.info("another job trained %s meanwhile: using %s", reducer.name, final)
+            return final, False
+        log.warning(
+            "training %s once on %s (%s); it will be cached at %s",
+            reducer.name,
+            spec.name,
+            cfg.data.name,
+            final,
+        )
+        trained, metrics = fit(cfg, spec, workdir, loggers)
+        state = {n: p.detach().cpu() for n, p in trained.trainable_parameters()}
+        if rank_zero_only.rank != 0:
+            wait_for(final)
+            return final, True
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        torch.save(
+            {
+                "method": reducer.name,
+                "model": spec.name,
+                "identity": training_identity(cfg, spec, reducer),
+                "state_dict": state,
+                "metrics": metrics,
+            },
+            tmp,
+        )
+        os.replace(tmp, final)
+        (workdir / "last.ckpt").unlink(missing_ok=True)
+        log.info("trained %s: %s", reducer.name, metrics)
+    return final, True
+
+
+def wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    """Other DDP ranks wait for rank 0 to write the trained file."""
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise TrainedParametersError(
+                f"rank {rank_zero_only.rank}: {path} did not appear in {timeout_s} s"
+            )
+        time.sleep(1.0)
+
+
+def load_trained(
+    reducer: LearnedReducer, path: str | Path, spec: BackboneSpec | None = None
+) -> dict[str, Any]:
+    """Load trained parameters: ours (``trained.pth``) or an official checkpoint (TNT, DynamicViT).
+
+    Ours are checked against the method and backbone they were trained for; official ones by key
+    names and shapes. Returns what the file says about itself.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TrainedParametersError(f"method.checkpoint={str(path)!r} does not exist")
+    obj = None
+    if path.suffix != ".safetensors":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # official training checkpoints also pickle their args
+            obj = None
+    if isinstance(obj, dict) and "identity" in obj:
+        if obj["method"] != reducer.name:
+            raise TrainedParametersError(
+                f"{path} holds parameters of method={obj['method']}, not {reducer.name}"
+            )
+        if spec is not None and obj["model"] != spec.name:
+            raise TrainedParametersError(f"{path} was trained on model={obj['model']}, not {spec.name}")
+        if obj["identity"]["method"] != reducer.training_key():
+            raise TrainedParametersError(
+                f"{path} was trained with {obj['identity']['method']}, but this run needs "
+                f"{reducer.training_key()}"
+            )
+        load_state(reducer, obj["state_dict"], str(path))
+        return {"source": str(path), "metrics": obj.get("metrics", {})}
+    load_state(reducer, read_state_dict(path), f"{path} (official checkpoint)")
+    return {"source": f"official:{path}"}
+
+
+def load_state(reducer: LearnedReducer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load the method's tensors of ``state`` (other keys, such as a backbone's, are ignored)."""
+    own = reducer.state_dict()
+    mine = {k: v for k, v in state.items() if k in own}
+    needed = [n for n, _ in reducer.trainable_parameters()]
+    missing = [k for k in needed if k not in mine]
+    if missing:
+        raise TrainedParametersError(
+            f"{source} has no trained parameters for method={reducer.name} (missing {missing[:3]} ...)"
+        )
+    for k, v in mine.items():
+        if v.shape != own[k].shape:
+            raise TrainedParametersError(
+                f"{source} does not fit this backbone: {k} has shape {tuple(v.shape)}, the method expects "
+                f"{tuple(own[k].shape)} (was it trained for another backbone?)"
+            )
+    reducer.load_state_dict(mine, strict=False)
+
+
+def provide_trained(
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    reducer: LearnedReducer,
+    extra: dict[str, torch.Tensor],
+    loggers: list[Logger] | bool,
+) -> dict[str, Any]:
+    """Give ``reducer`` its trained parameters, from (in order) ``method.checkpoint``, the method tensors
+    of ``model.checkpoint``, the cache, or a training run if ``method.train.auto``."""
+    if cfg.method.get("checkpoint"):
+        return load_trained(reducer, cfg.method.checkpoint, spec)
+    if any(k in reducer.state_dict() for k in extra):
+        load_state(reducer, extra, f"model.checkpoint={spec.checkpoint}")
+        return {"source": f"model.checkpoint:{spec.checkpoint}"}
+    path = training_dir(cfg, spec, reducer) / TRAINED_FILE
+    if not path.exists() and not recipe(cfg).auto:
+        raise_untrained(cfg, reducer, path)
+    path, trained = ensure_trained(cfg, spec, reducer, loggers)
+    info = load_trained(reducer, path, spec)
+    info["trained_now"] = trained
+    return info
+
+
+def raise_untrained(cfg: DictConfig, reducer: LearnedReducer, path: Path) -> None:
+    raise TrainedParametersError(
+        f"method={reducer.name} has no trained parameters for this configuration (looked for {path}) and "
+        f"method.train.auto=false: run task=train with the same settings first, set method.train.auto=true, "
+        f"or give trained parameters as method.checkpoint=PATH"
+    )
+
+
+def check_can_provide(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> None:
+    """Fail before any weights load if evaluation would need training that is switched off."""
+    if cfg.method.get("checkpoint") or spec.checkpoint:
+        return
+    path = training_dir(cfg, spec, reducer) / TRAINED_FILE
+    if not path.exists() and not recipe(cfg).auto:
+        raise_untrained(cfg, reducer, path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """``task=train``: train the method's parameters for this configuration (resuming if interrupted)."""
+    from ..results import results_path
+    from .common import format_summary, job_loggers, log_summary
+    from .records import RunRecorder
+
+    recorder = RunRecorder(cfg, task="train")  # train_eval's training half is a train record
+    with job_loggers(cfg) as loggers, recorder:
+        spec: BackboneSpec = instantiate(cfg.model)
+        model = create_model(spec)
+        reducer, schedule = build_reducer(
+            cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
+        )
+        recorder.fields["schedule"] = schedule
+        if not isinstance(reducer, LearnedReducer):
+            raise ConfigError(
+                f"method={cfg.method.name} has nothing to train; task=train is for tnt, dynamicvit, dtps"
+            )
+        reducer.bind(backbone_info(model))
+        path, trained_now = ensure_trained(
+            cfg, spec, reducer, loggers, force=bool(recipe(cfg).get("force", False))
+        )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        recorder.details.update(trained=str(path), trained_now=trained_now, training=saved["metrics"])
+        recorder.metrics.update(
+            acc1=saved["metrics"]["val_acc1"], acc1_full=saved["metrics"]["val_acc1_full"]
+        )
+        if not trained_now:
+            log.info("%s was already trained for this configuration: %s", reducer.name, path)
+        log_summary(loggers, recorder.metrics)
+    print(format_summary(recorder.record))
+    print(f"  trained parameters: {path}\n  results: {results_path(cfg.paths.results_dir)}")
+    return recorder.record

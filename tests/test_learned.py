@@ -1,0 +1,384 @@
+"""Learned methods (TNT, DynamicViT, dTPS): their forwards and losses worked out by hand, their
+trained-parameter files, and the early errors of METHODS.md sections 1, 5 and 8."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from conftest import ROOT, compose_config, run_py, tiny_vit
+from tnt_lightning.engine import ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.engine.attention import softmax_with_policy
+from tnt_lightning.lit import OptimConfig, TokenReductionModule
+from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
+from tnt_lightning.models import create_model
+from tnt_lightning.tasks.train import (
+    TrainedParametersError,
+    check_can_provide,
+    load_trained,
+    recipe,
+    training_dir,
+)
+
+torch.set_num_threads(1)
+
+
+def kept_patches(model, step: int = -1) -> torch.Tensor:
+    """Original patch indices [B, k] of the tokens that survive reduction step ``step``."""
+    _, source = model.last_trace[step]
+    p = model.num_prefix_tokens
+    return source[:, p:, p:].float().argmax(-1)
+
+
+def block_output(model, block: int, x: torch.Tensor) -> torch.Tensor:
+    """Block ``block``'s output in an unreduced forward."""
+    out = {}
+    handle = model.blocks[block].register_forward_hook(lambda m, i, o: out.setdefault("x", o))
+    with torch.no_grad(), model.reduction_disabled():
+        model(x)
+    handle.remove()
+    return out["x"]
+
+
+# -- TNT: training noise ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha_norm_train", [False, True])
+def test_tnt_noise_is_beta_times_one_minus_alpha_on_patches_only(alpha_norm_train):
+    model = tiny_vit(prefix=2)
+    tnt = TNT(
+        backbone_info(model),
+        "single",
+        [1],
+        [0.5],
+        noise_blocks=2,
+        beta=0.3,
+        alpha_norm_train=alpha_norm_train,
+    )
+    x = torch.randn(3, 18, 48)
+    torch.manual_seed(7)
+    out = tnt.add_noise(0, Tokens(x, 2))
+    torch.manual_seed(7)
+    eps = torch.randn(3, 16, 48)
+    alpha = tnt.alpha_heads[0](x[:, 2:]).squeeze(-1).softmax(-1)
+    stream = F.layer_norm(x, (48,), eps=1e-6) if alpha_norm_train else x
+    torch.testing.assert_close(out.x[:, :2], stream[:, :2])
+    torch.testing.assert_close(out.x[:, 2:], stream[:, 2:] + 0.3 * (1 - alpha).unsqueeze(-1) * eps)
+    torch.testing.assert_close(tnt.last_alpha[0].sum(-1), torch.ones(3))
+
+
+def test_tnt_beta_is_a_standard_deviation_unless_told_it_is_a_variance():
+    info = backbone_info(tiny_vit())
+    assert TNT(info, "single", [1], [0.5], noise_blocks=2, beta=0.04).beta == 0.04
+    assert TNT(
+        info, "single", [1], [0.5], noise_blocks=2, beta=0.04, beta_is_variance=True
+    ).beta == pytest.approx(0.2)
+
+
+def test_tnt_training_adds_noise_after_the_first_blocks_and_trains_only_their_heads():
+    model = tiny_vit(prefix=1, depth=4)
+    tnt = TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=2)
+    apply_reducer(model, tnt)
+    module = TokenReductionModule(model, 10, OptimConfig(lr=1e-3))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "reducer.alpha_heads.0.weight",
+        "reducer.alpha_heads.0.bias",
+        "reducer.alpha_heads.1.weight",
+        "reducer.alpha_heads.1.bias",
+    ]
+    module._set_modes()
+    out = tnt.training_loss(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 0.1)
+    assert len(tnt.last_alpha) == 2 and model.last_tokens.n == 16  # noise only, nothing pruned
+    out.loss.backward()
+    assert tnt.alpha_heads[1].weight.grad.abs().sum() > 0
+    assert tnt.alpha_heads[2].weight.grad is None and model.blocks[0].mlp.fc1.weight.grad is None
+    assert out.stats["alpha_entropy"] <= out.stats["alpha_entropy_uniform"] + 1e-6
+
+
+def test_tnt_loss_is_on_the_cls_head_of_a_distilled_model():
+    model = tiny_vit(prefix=2)
+    tnt = TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=2, beta=0.0, alpha_norm_train=False)
+    apply_reducer(model, tnt).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 5])
+    out = tnt.training_loss(model, x, y, 0.0)
+    with model.reduction_disabled():
+        features = model.forward_features(x)
+    torch.testing.assert_close(out.logits, model.head(features[:, 0]))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model.head(features[:, 0]), y))
+
+
+# -- TNT: inference --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_tnt_without_similarity_keeps_the_top_k_by_alpha_in_descending_order(prefix):
+    model = tiny_vit(prefix=prefix)
+    tnt = TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=2, similarity="none")
+    apply_reducer(model, tnt, trace_sources=True)
+    x = torch.randn(2, 3, 32, 32)
+    patches = block_output(model, 1, x)[:, prefix:]
+    alpha = tnt.alpha_heads[1](patches).squeeze(-1).softmax(-1)
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(kept_patches(model), alpha.topk(8, dim=1).indices)
+
+
+def test_tnt_single_layer_similarity_removes_s_of_the_top_k_plus_s():
+    model = tiny_vit(prefix=1)
+    tnt = TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=2, similarity_tokens=3, seed=4)
+    apply_reducer(model, tnt, trace_sources=True)
+    x = torch.randn(2, 3, 32, 32)
+    alpha = tnt.alpha_heads[1](block_output(model, 1, x)[:, 1:]).squeeze(-1).softmax(-1)
+    candidates = alpha.topk(11, dim=1).indices
+    with torch.no_grad():
+        first = model(x)
+        kept = kept_patches(model)
+        assert kept.shape == (2, 8)
+        for b in range(2):
+            assert set(kept[b].tolist()) < set(candidates[b].tolist())
+            order = alpha[b, kept[b]]
+            assert torch.all(order[:-1] >= order[1:])  # survivors ordered by alpha
+        tnt.reset_generators()
+        torch.testing.assert_close(model(x), first)  # seeded: restarting the draws repeats the run
+
+
+def test_tnt_multi_layer_prunes_s_before_block_0_then_top_k_after_each_location():
+    model = tiny_vit(prefix=1, depth=4)
+    tnt = TNT(backbone_info(model), "multi", [1, 2], [0.5, 1.0], noise_blocks=3, pre_similarity_tokens=4)
+    apply_reducer(model, tnt, trace_sources=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    counts = [source.shape[1] - 1 for _, source in model.last_trace]
+    assert counts == [12, 6]  # 16 - 4, then int(12 * 0.5); rate 1.0 at block 2 is skipped
+
+
+def test_tnt_clamps_s_so_that_the_partition_can_remove_it(caplog):
+    info = backbone_info(tiny_vit())
+    tnt = TNT(info, "single", [1], [0.875], noise_blocks=2, similarity_tokens=5)
+    tnt.bind(info)
+    assert tnt.single_s == 2 and "using s=2" in caplog.text  # k = 14 of 16: only 2 candidates spare
+
+
+def test_tnt_refuses_a_location_whose_head_was_never_trained():
+    model = tiny_vit(depth=4)
+    with pytest.raises(ReductionError, match=r"after block\(s\) \[3\].*0\.\.1"):
+        apply_reducer(model, TNT(backbone_info(model), "single", [3], [0.5], noise_blocks=2))
+
+
+def test_tnt_location_5_fails_before_anything_is_trained(tmp_path):
+    proc = run_py(["method=tnt", "method.single_block=5", "logger=csv"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "only the alpha heads of blocks 0..4 are trained" in proc.stderr
+    assert not list((tmp_path / "cache").rglob("*.pth"))  # neither the backbone nor the heads trained
+
+
+def test_tnt_heads_do_not_depend_on_the_keep_rate(tmp_path):
+    dirs = set()
+    for k in (0.2, 0.8):
+        cfg = compose_config(["method=tnt", f"keep_rate={k}"], tmp_path)
+        spec = instantiate(cfg.model)
+        reducer, _ = build_reducer(
+            cfg.method, cfg.schedule, k, spec.pruning, backbone_info(create_model(spec))
+        )
+        dirs.add(training_dir(cfg, spec, reducer))
+    assert len(dirs) == 1
+
+
+# -- DynamicViT ------------------------------------------------------------------------------------
+
+
+def test_dynamicvit_keeps_int_n0_rho_j_of_the_initial_tokens_ranked_by_its_predictor():
+    model = tiny_vit(prefix=1, depth=4)
+    dvit = DynamicViT.from_schedule("multi", [0, 1, 2], [0.7, 0.7, 0.7], backbone_info(model))
+    assert dvit.keep_ratios == pytest.approx([0.7, 0.49, 0.343])
+    apply_reducer(model, dvit, trace_sources=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert [s.shape[1] - 1 for _, s in model.last_trace] == [11, 7, 5]
+        patches = block_output(model, 0, x)[:, 1:]
+        keep_logp = dvit.score_predictor[0](patches, torch.ones(2, 16, 1))[..., 0]
+    assert torch.equal(kept_patches(model, 0), keep_logp.argsort(dim=1, descending=True)[:, :11])
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0, 1.2, -0.5])
+def test_dynamicvit_rho_outside_0_1_is_refused(rho):
+    with pytest.raises(ReductionError, match=rf"rho={rho} is outside \(0, 1\)"):
+        DynamicViT(backbone_info(tiny_vit()), [0, 1], [0.5, rho])
+
+
+def test_dynamicvit_keep_rate_1_is_refused_by_the_config(tmp_path):
+    cfg = compose_config(["method=dynamicvit", "keep_rate=1.0", "schedule=multi"], tmp_path)
+    spec = instantiate(cfg.model)
+    with pytest.raises(ReductionError, match="outside"):
+        build_reducer(cfg.method, cfg.schedule, 1.0, spec.pruning, backbone_info(create_model(spec)))
+
+
+@pytest.mark.parametrize("method", [DynamicViT, DTPS])
+def test_dynamicvit_losses_when_every_token_is_kept(method):
+    """A predictor certain to keep everything: nothing is masked, so the student is the teacher and
+    both distillation terms vanish; the ratio loss is the mean of (1 - rho_j)^2."""
+    model = tiny_vit(prefix=1, depth=4)
+    dvit = method.from_schedule("multi", [0, 1], [0.5, 0.5], backbone_info(model), token_loss="mse")
+    for predictor in dvit.score_predictor:
+        torch.nn.init.zeros_(predictor.out_conv[4].weight)
+        predictor.out_conv[4].bias.data = torch.tensor([50.0, -50.0])
+    apply_reducer(model, dvit).train()
+    model.reducer.train()
+    model.blocks.eval()  # no drop path in the tiny model anyway; the teacher runs in eval mode
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    out = dvit.training_loss(model, x, y, 0.0)
+    assert all(d.min() == 1 for d in dvit.decisions)
+    with torch.no_grad(), model.reduction_disabled():
+        teacher = model(x)
+    torch.testing.assert_close(out.logits, teacher)
+    assert out.stats["logit_kl"].abs() < 1e-6 and out.stats["token_loss"].abs() < 1e-10
+    ratio = ((1 - 0.5) ** 2 + (1 - 0.25) ** 2) / 2
+    torch.testing.assert_close(out.stats["ratio_loss"], torch.tensor(ratio))
+    expected = F.cross_entropy(teacher, y) + 2.0 * ratio
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_softmax_lets_a_query_attend_only_to_kept_keys_and_itself():
+    scores = torch.tensor([[[[0.0, 1.0, 2.0], [0.5, 0.5, 0.5], [1.0, 0.0, 0.0]]]])
+    weights = softmax_with_policy(scores, torch.tensor([[[1.0], [0.0], [1.0]]]))
+    e = torch.tensor([[1.0, 0.0, math.exp(2.0)], [1.0, 1.0, 1.0], [math.e, 0.0, 1.0]])
+    torch.testing.assert_close(weights[0, 0], e / e.sum(-1, keepdim=True), atol=1e-5, rtol=0)
+    assert weights[0, 0, 0, 1] < 1e-5  # the dropped key gets only the eps floor
+
+
+# -- trained parameters: files, identities, early errors ----------------------------------------
+
+
+def official_tnt_state(model, depth: int, dim: int) -> dict[str, torch.Tensor]:
+    """The layout of a released TNT checkpoint: the whole model, heads at the top level."""
+    state = dict(model.state_dict())
+    for b in range(depth):
+        state[f"alpha_heads.{b}.weight"] = torch.full((1, dim), float(b))
+        state[f"alpha_heads.{b}.bias"] = torch.zeros(1)
+    state["alpha_norm.weight"], state["alpha_norm.bias"] = torch.ones(dim), torch.zeros(dim)
+    return state
+
+
+def test_official_tnt_checkpoint_loads_without_a_key_map(tmp_path):
+    model = tiny_vit(depth=4)
+    path = tmp_path / "tnt_official.pth"
+    torch.save({"model": official_tnt_state(model, 4, 48), "epoch": 39}, path)
+    tnt = TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=4)
+    info = load_trained(tnt, path)
+    assert info["source"].startswith("official:")
+    assert torch.equal(tnt.alpha_heads[3].weight, torch.full((1, 48), 3.0))
+
+
+def test_official_dynamicvit_key_names():
+    dvit = DynamicViT(backbone_info(tiny_vit()), [0, 1], [0.7, 0.49])
+    keys = set(dvit.state_dict())
+    assert {
+        "score_predictor.0.in_conv.0.weight",
+        "score_predictor.0.in_conv.1.weight",
+        "score_predictor.1.out_conv.0.weight",
+        "score_predictor.1.out_conv.2.weight",
+        "score_predictor.1.out_conv.4.bias",
+    } <= keys
+
+
+def test_a_checkpoint_for_another_backbone_or_method_is_refused(tmp_path):
+    small, wide = tiny_vit(depth=4), tiny_vit(depth=4, dim=64)
+    path = tmp_path / "wide.pth"
+    torch.save({"model": official_tnt_state(wide, 4, 64)}, path)
+    with pytest.raises(TrainedParametersError, match=r"alpha_heads.0.weight has shape \(1, 64\).*\(1, 48\)"):
+        load_trained(TNT(backbone_info(small), "single", [1], [0.5], noise_blocks=4), path)
+    ours = tmp_path / "trained.pth"
+    torch.save({"method": "dynamicvit", "model": "vit_mnist", "identity": {}, "state_dict": {}}, ours)
+    with pytest.raises(TrainedParametersError, match="method=dynamicvit, not tnt"):
+        load_trained(TNT(backbone_info(small), "single", [1], [0.5], noise_blocks=4), ours)
+
+
+def test_untrained_heads_with_training_off_fail_before_any_weights_load(tmp_path):
+    cfg = compose_config(["method=tnt", "method.train.auto=false"], tmp_path)
+    spec = instantiate(cfg.model)
+    reducer, _ = build_reducer(
+        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))
+    )
+    with pytest.raises(TrainedParametersError, match="no trained parameters.*method.train.auto=false"):
+        check_can_provide(cfg, spec, reducer)
+
+
+def test_dataset_overrides_adjust_the_recipe_per_method(tmp_path):
+    tnt = recipe(compose_config(["method=tnt"], tmp_path))
+    dvit = recipe(compose_config(["method=dynamicvit"], tmp_path))
+    assert (tnt.epochs, tnt.mixup, tnt.base_lr, tnt.lr_batch) == (10, 0.0, 1e-3, None)
+    assert (dvit.epochs, dvit.base_lr) == (10, 1e-3)
+    bad = compose_config(["method=tnt", "+data.train_overrides.epoch=3"], tmp_path)
+    with pytest.raises(ValueError, match=r"\['epoch'\].*allowed"):
+        recipe(bad)
+
+
+def test_checkpoints_hold_only_the_trained_parameters():
+    model = tiny_vit(depth=4)
+    apply_reducer(model, TNT(backbone_info(model), "single", [1], [0.5], noise_blocks=2))
+    module = TokenReductionModule(model, 10, OptimConfig(lr=1e-3))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert sorted(checkpoint["state_dict"]) == [
+        "model.reducer.alpha_heads.0.bias",
+        "model.reducer.alpha_heads.0.weight",
+        "model.reducer.alpha_heads.1.bias",
+        "model.reducer.alpha_heads.1.weight",
+    ]
+    assert math.isclose(sum(v.numel() for v in checkpoint["state_dict"].values()), 2 * 49)
+
+
+# -- training through run.py -------------------------------------------------------------------
+
+
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint(default_run, tmp_path):
+    """SIGKILL after the first epoch's checkpoint; the rerun continues from it instead of epoch 0."""
+    cache = default_run[0] / "cache"
+    args = [
+        "task=train",
+        "method=tnt",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.train_overrides.epochs=3",
+        "logger=csv",
+    ]
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "backbones").symlink_to(cache / "backbones")
+    env = {**os.environ, "TNT_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not list((tmp_path / "cache" / "methods").rglob("last.ckpt")) and time.time() < deadline:
+        assert first.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (workdir,) = [p for p in (tmp_path / "cache" / "methods").iterdir() if p.is_dir()]
+    assert not (workdir / "trained.pth").exists()
+    epoch_saved = torch.load(workdir / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+
+    proc = run_py(args, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert f"resuming tnt training from {workdir / 'last.ckpt'}" in output
+    assert "Restoring states from the checkpoint" in output
+    trained = torch.load(workdir / "trained.pth", map_location="cpu", weights_only=True)
+    assert trained["metrics"]["epochs"] == 3 and epoch_saved >= 1
+    assert not (workdir / "last.ckpt").exists()
+
+    again = run_py(args, tmp_path, timeout=300)  # trained: nothing to do
+    assert again.returncode == 0 and "already trained" in again.stdout + again.stderr
