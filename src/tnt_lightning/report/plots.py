@@ -1,0 +1,79 @@
+"""Top-1 accuracy against GFLOPs and against throughput, one line per method (the paper's Figures 4, 5).
+
+Matplotlib's object API with the Agg canvas: no pyplot state, no display needed. The Pareto front
+(no point more accurate at lower or equal cost) is ringed and joined by a dashed line; the paper's
+points for the same model and schedule can be overlaid as hollow markers on dotted lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .tables import PAPER_DATA, Group, method_order, paper_points
+
+AXES = {
+    "gflops": ("GFLOPs", "gflops", "pareto_gflops"),
+    "throughput_img_s": ("Throughput (img/s)", "throughput_img_s", "pareto_throughput"),
+}
+
+
+def _color(method: str):
+    return colormaps["tab10"](method_order(method)[0] % 10)
+
+
+def plot_group(group: Group, metric: str, path: Path, paper_overlay: bool = True) -> Path | None:
+    """Write the plot of ``group``'s top-1 against ``metric`` to ``path``; None if nothing to plot."""
+    label, paper_key, front_attr = AXES[metric]
+    rows = [r for r in group.rows if r.mean("acc1") is not None and r.mean(metric) is not None]
+    if not rows:
+        return None
+    fig = Figure(figsize=(7, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    methods = sorted({r.method for r in rows}, key=method_order)
+    for method in methods:
+        points = sorted((r for r in rows if r.method == method), key=lambda r: r.mean(metric))
+        xs = [r.mean(metric) for r in points]
+        ys = [r.mean("acc1") for r in points]
+        errs = [r.stats["acc1"].std or 0.0 for r in points]
+        if method == "none":
+            ax.errorbar(
+                xs, ys, yerr=errs, color="black", marker="*", markersize=12, ls="", label="none (base)"
+            )
+        else:
+            ax.errorbar(xs, ys, yerr=errs, color=_color(method), marker="o", capsize=3, label=method)
+    front = sorted((r for r in rows if getattr(r, front_attr)), key=lambda r: r.mean(metric))
+    if front:
+        fx, fy = [r.mean(metric) for r in front], [r.mean("acc1") for r in front]
+        ax.plot(fx, fy, color="grey", ls="--", lw=1, zorder=0)
+        ax.scatter(fx, fy, s=180, facecolors="none", edgecolors="black", lw=1.2, label="Pareto front")
+    if paper_overlay and group.data == PAPER_DATA:
+        _overlay_paper(ax, group, methods, paper_key)
+    ax.set_xlabel(label)
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.set_title(group.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _overlay_paper(ax, group: Group, methods: list[str], key: str) -> None:
+    cells = [
+        c for c in paper_points(group.model, group.schedule, methods) if c.row[key] and c.row["acc_top1"]
+    ]
+    suffix = " (paper, its GPU)" if key == "throughput_img_s" else " (paper)"
+    for method in sorted({c.method for c in cells}, key=method_order):
+        points = sorted((float(c.row[key]), float(c.row["acc_top1"])) for c in cells if c.method == method)
+        xs, ys = zip(*points, strict=True)
+        if method == "none":
+            ax.plot(
+                xs, ys, ls="", marker="*", markersize=12, mfc="none", color="black", label="none" + suffix
+            )
+        else:
+            ax.plot(xs, ys, ls=":", marker="s", mfc="none", color=_color(method), label=method + suffix)
