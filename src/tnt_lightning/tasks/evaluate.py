@@ -6,18 +6,21 @@ import logging
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
 from ..data import ClassificationDataModule
 from ..engine import apply_reducer, backbone_info
 from ..lit import ImageClassifier
 from ..measure import count_gflops, measure_throughput
-from ..methods import build_reducer
+from ..methods import LearnedReducer, build_reducer
 from ..models import BackboneSpec, count_parameters, create_model, drop_distillation_token, load_weights
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, make_trainer, pretrain_fn, resolve_device
 from .records import RunRecorder
+from .train import check_can_provide, provide_trained
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,42 @@ def check_data_fits_model(datamodule: ClassificationDataModule, spec: BackboneSp
         )
 
 
+def build_pruned_model(
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    has_labels: bool,
+    loggers: list[Logger],
+    recorder: RunRecorder,
+    trace_sources: bool = False,
+) -> VisionTransformer:
+    """The backbone with its weights and the configured method (trained parameters included).
+
+    A method that cannot run on this backbone, or would need training that is switched off, fails
+    before any weights load. Without labels (cost-only runs) learned methods stay untrained.
+    """
+    model = create_model(spec)
+    reducer, schedule = build_reducer(
+        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
+    )
+    recorder.fields["schedule"] = schedule
+    learned = isinstance(reducer, LearnedReducer) and has_labels
+    if reducer is not None:
+        reducer.bind(backbone_info(model))
+    if learned:
+        check_can_provide(cfg, spec, reducer)
+    weights, extra = load_weights(model, spec, cfg.paths.cache_dir, has_labels, pretrain_fn(cfg))
+    recorder.details["weights"] = weights
+    if learned:
+        recorder.details["method_weights"] = provide_trained(cfg, spec, reducer, extra, loggers)
+    elif isinstance(reducer, LearnedReducer):
+        recorder.details["method_weights"] = "untrained (cost-only run)"
+    if reducer is not None:
+        if reducer.cls_only_backbone:
+            drop_distillation_token(model)
+        apply_reducer(model, reducer, trace_sources=trace_sources)
+    return model
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one configuration and append its record; returns the record."""
     recorder = RunRecorder(cfg, keep_rate=1.0 if cfg.method.name == "none" else cfg.keep_rate)
@@ -46,19 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             datamodule.check(("test",))
         check_data_fits_model(datamodule, spec)
 
-        model = create_model(spec)
-        reducer, schedule = build_reducer(
-            cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
-        )
-        recorder.fields["schedule"] = schedule
-        if reducer is not None:
-            reducer.bind(backbone_info(model))  # a method that cannot run fails before any weights load
-        weights, _ = load_weights(model, spec, cfg.paths.cache_dir, datamodule.has_labels, pretrain_fn(cfg))
-        recorder.details["weights"] = weights
-        if reducer is not None:
-            if reducer.cls_only_backbone:
-                drop_distillation_token(model)
-            apply_reducer(model, reducer)
+        model = build_pruned_model(cfg, spec, datamodule.has_labels, loggers, recorder)
         recorder.metrics.update(count_parameters(model))
 
         if cfg.measure.gflops:
@@ -81,7 +108,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             recorder.metrics["throughput_img_s"] = tp["throughput_img_s"]
             recorder.details["throughput"] = tp
-        log_summary(loggers, recorder.metrics)
+        log_summary(loggers, {**recorder.metrics, "keep_rate": recorder.fields["keep_rate"]})
     print(format_summary(recorder.record))
     print(f"  results: {results_path(cfg.paths.results_dir)}")
     return recorder.record

@@ -1,0 +1,154 @@
+"""``task=visualize``: token maps of a method on a few images (the paper's Figure 3), saved as a PNG.
+
+Built like ``task=eval`` (same backbone, weights, method and trained parameters), but the method
+runs with source tracing on a handful of images picked by ``seed``; the figure shows which patches
+each reduction step dropped or merged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig
+from torch import Tensor
+
+from ..config import ConfigError
+from ..data import ClassificationDataModule, ImageFolderDataModule, MNISTDataModule
+from ..data.mnist import MNIST_MEAN, MNIST_STD
+from ..models import BackboneSpec
+from ..visualize import draw_token_maps, to_rgb
+from .common import format_summary, job_loggers
+from .evaluate import build_pruned_model, check_data_fits_model
+from .records import RunRecorder
+
+log = logging.getLogger(__name__)
+
+STEPS = ("all", "final")
+# visualize.split -> the data module's stage that sets that split up
+SPLITS = {"val": "validate", "train": "fit"}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail before any data is read or model built if ``visualize.*`` or the method cannot be drawn."""
+    settings = cfg.visualize
+    problems = [
+        (
+            isinstance(settings.num_images, int) and settings.num_images >= 1,
+            "visualize.num_images",
+            settings.num_images,
+            "an integer >= 1",
+        ),
+        (settings.steps in STEPS, "visualize.steps", settings.steps, f"one of {list(STEPS)}"),
+        (settings.split in SPLITS, "visualize.split", settings.split, f"one of {list(SPLITS)}"),
+        (
+            cfg.method.name != "none",
+            "method",
+            cfg.method.name,
+            "a token-reduction method (method=none drops and merges nothing to show)",
+        ),
+    ]
+    for ok, key, value, allowed in problems:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def image_stats(datamodule: ClassificationDataModule) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std the data module normalised its images with, to draw them back in colour."""
+    if isinstance(datamodule, MNISTDataModule):
+        return (MNIST_MEAN,), (MNIST_STD,)
+    if isinstance(datamodule, ImageFolderDataModule):
+        return datamodule.mean, datamodule.std
+    raise ConfigError(
+        f"data={datamodule.name} is not allowed for task=visualize: it holds no images to draw; "
+        f"use data=mnist, imagefolder or imagenet"
+    )
+
+
+def select_images(
+    datamodule: ClassificationDataModule, split: str, num_images: int, seed: int
+) -> tuple[Tensor, list[int]]:
+    """``num_images`` images of ``split`` picked at random by ``seed`` (a larger count adds images)."""
+    datamodule.setup(SPLITS[split])
+    loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
+    dataset = loader.dataset
+    if num_images > len(dataset):
+        log.warning("the %s split has only %d images; drawing all of them", split, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    indices = order[:num_images].tolist()
+    return torch.stack([dataset[i][0] for i in indices]), indices
+
+
+def describe(cfg: DictConfig, schedule: dict[str, Any]) -> str:
+    """The figure's title: model, method, where it acts and how much it keeps."""
+    rates = schedule["rates"]
+    if schedule.get("r") is not None:  # ToMe multi-layer: r tokens merged per block, whatever K
+        amount = f"r={schedule['r']}"
+    elif all(r == cfg.keep_rate for r in rates):
+        amount = f"K={cfg.keep_rate}"
+    else:
+        amount = f"K={rates}"
+    where = f"{schedule['name']}-layer at blocks {schedule['blocks']}"
+    return f"{cfg.model.name} / {cfg.method.name}: {where}, {amount}"
+
+
+def log_image(loggers: list[Logger], path: Path, caption: str) -> None:
+    """Send the PNG to W&B when it is one of the run's loggers (offline runs keep it locally)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log({"token_maps": wandb.Image(str(path), caption=caption)})
+
+
+def visualize(cfg: DictConfig) -> dict[str, Any]:
+    """Draw the token maps of one configuration, record the run, and return its record."""
+    check_settings(cfg)
+    settings = cfg.visualize
+    recorder = RunRecorder(cfg, keep_rate=cfg.keep_rate)
+    with job_loggers(cfg) as loggers, recorder:
+        spec: BackboneSpec = instantiate(cfg.model)
+        datamodule: ClassificationDataModule = instantiate(cfg.data)
+        mean, std = image_stats(datamodule)
+        datamodule.check((SPLITS[settings.split],))
+        check_data_fits_model(datamodule, spec)
+
+        model = build_pruned_model(cfg, spec, datamodule.has_labels, loggers, recorder, trace_sources=True)
+
+        L.seed_everything(cfg.seed, verbose=False)  # the training split's augmentation, if drawn
+        images, indices = select_images(datamodule, settings.split, settings.num_images, cfg.seed)
+        model.eval()
+        with torch.no_grad():
+            model(images)
+        trace = model.last_trace if settings.steps == "all" else model.last_trace[-1:]
+        prefix = model.num_prefix_tokens
+        steps = [(f"{loc}\n{source.shape[1] - prefix} tokens", source) for loc, source in trace]
+
+        schedule = recorder.fields["schedule"]
+        title = describe(cfg, schedule)
+        name = f"{spec.name}_{cfg.method.name}_{schedule['name']}_K{cfg.keep_rate}.png"
+        path = draw_token_maps(
+            to_rgb(images, mean, std),
+            steps,
+            prefix,
+            tuple(model.patch_embed.grid_size),
+            title,
+            Path(settings.out_dir) / name,
+        )
+        log_image(loggers, path, title)
+        recorder.details.update(
+            png=str(path),
+            grid=[len(indices), 1 + len(steps)],
+            split=settings.split,
+            image_indices=indices,
+            steps=[str(loc) for loc, _ in trace],
+            tokens_per_step=[source.shape[1] - prefix for _, source in trace],
+        )
+    print(format_summary(recorder.record))
+    print(f"  token maps: {path}")
+    return recorder.record
