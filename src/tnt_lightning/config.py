@@ -32,6 +32,8 @@ class RunConfig:
     seed: int = 0
     sweep_name: str | None = None
     tags: list[str] = field(default_factory=list)
+    skip_recorded: bool = False
+    paper_flops_compat: bool = False
     model: Any = MISSING
     method: Any = MISSING
     schedule: Any = MISSING

@@ -21,7 +21,7 @@ RESULTS_FILE = "results.jsonl"
 
 # Keys of the resolved config that do not change what a run measures; they are left out of
 # ``config_key`` so that a run is recognised whatever folder or logger it used.
-VOLATILE_CONFIG_KEYS = ("paths", "logger", "hydra", "sweep_name", "tags")
+VOLATILE_CONFIG_KEYS = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded")
 
 
 def results_path(results_dir: str | Path) -> Path:
@@ -69,8 +69,22 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{number} is not valid JSON ({e})") from e
 
 
+def find_recorded(results_dir: str | Path, key: str, task: str) -> dict[str, Any] | None:
+    """The newest ``ok`` record of ``task`` whose config has ``key``, or None (resumable sweeps)."""
+    found = None
+    for record in read_records(results_dir):
+        if record.get("config_key") == key and record.get("task") == task and record.get("status") == "ok":
+            found = record
+    return found
+
+
 def config_key(config: dict[str, Any]) -> str:
     """A stable hash of what determines a run's result (the resolved config minus volatile keys)."""
     kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    # Token-map settings only matter to task=visualize, and their folder never does.
+    if kept.get("task") == "visualize" and isinstance(kept.get("visualize"), dict):
+        kept["visualize"] = {k: v for k, v in kept["visualize"].items() if k != "out_dir"}
+    else:
+        kept.pop("visualize", None)
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

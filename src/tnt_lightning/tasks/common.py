@@ -20,6 +20,23 @@ from ..models import BackboneSpec
 log = logging.getLogger(__name__)
 
 
+def wandb_run_fields(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
+    """Name and tags of a job's W&B run, so the UI can filter and colour runs with no custom code."""
+    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    task = getattr(cfg.task, "value", cfg.task)  # a Task enum in the structured config
+    tags = [
+        f"method:{cfg.method.name}",
+        f"model:{cfg.model.name}",
+        f"schedule:{cfg.schedule.name}",
+        f"data:{cfg.data.name}",
+        f"task:{task}",
+        *cfg.tags,
+    ]
+    name = f"{task}-{cfg.model.name}-{cfg.method.name}-K{cfg.keep_rate}"
+    return {"name": name, "tags": tags, "job_type": task}
+
+
 @contextlib.contextmanager
 def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
     """The run's loggers (W&B offline by default, and a local CSV copy), finished on exit.
@@ -27,7 +44,9 @@ def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
     Finishing matters: in one process a second ``wandb.init`` without ``wandb.finish`` silently
     returns the same run, so a multirun would log every job into the first job's run.
     """
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    loggers = [
+        instantiate(c, **wandb_run_fields(cfg, c)) for c in (cfg.logger or {}).values() if c is not None
+    ]
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for logger in loggers:
         logger.log_hyperparams(config)
@@ -88,8 +107,9 @@ def format_summary(record: dict[str, Any]) -> str:
     """The few lines a person reads at the end of a run."""
     m = record["metrics"]
     parts = []
-    if m.get("acc1") is not None:
-        parts.append(f"top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%")
+    for key, label in (("acc1", "top-1"), ("acc5", "top-5"), ("acc1_full", "top-1 with all tokens")):
+        if m.get(key) is not None:
+            parts.append(f"{label} {m[key]:.2f}%")
     if m.get("gflops") is not None:
         parts.append(f"GFLOPs {m['gflops']:.4g}")
     if m.get("throughput_img_s") is not None:
@@ -105,4 +125,5 @@ def format_summary(record: dict[str, Any]) -> str:
         f"on {record['data']}"
     )
     status = "" if record["status"] == "ok" else f"  [{record['status']}: {record['error']['message']}]"
-    return "\n".join([head + status, "  " + "  ".join(parts), f"  run {record['run_id']}"])
+    lines = [head + status, "  " + "  ".join(parts)] if parts else [head + status]
+    return "\n".join([*lines, f"  run {record['run_id']}"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ..results import append_record, config_key
@@ -88,8 +89,9 @@ class RunRecorder:
                 "traceback": "".join(traceback.format_tb(tb)),
             }
         self.record = self.build(status, error)
-        path = append_record(self.cfg.paths.results_dir, self.record)
-        log.info("recorded run %s (%s) in %s", self.run_id, status, path)
+        if rank_zero_only.rank == 0:  # one record per job, not one per DDP process
+            path = append_record(self.cfg.paths.results_dir, self.record)
+            log.info("recorded run %s (%s) in %s", self.run_id, status, path)
         return False
 
     def build(self, status: str, error: dict | None) -> dict[str, Any]:
@@ -99,7 +101,7 @@ class RunRecorder:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": status,
             "error": error,
-            "task": self.config["task"],
+            "task": self.fields.get("task", self.config["task"]),
             "model": cfg.model.name,
             "method": cfg.method.name,
             "keep_rate": self.fields.get("keep_rate", cfg.keep_rate),

@@ -1,0 +1,198 @@
+"""Sweeps (``sweeps/``, ``+sweep=<name>``): they hold the paper's settings, resume without redoing
+recorded jobs, record failures without stopping, and launch through submitit and SLURM."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONF, ROOT, run_py
+from tnt_lightning.paper import load_results
+from tnt_lightning.results import read_records
+from tnt_lightning.tasks.common import wandb_run_fields
+
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+
+
+def sweep_config(name: str, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="config", overrides=[f"+sweep={name}", *overrides], return_hydra_config=True
+        )
+
+
+def sweep_values(text: str) -> list[str]:
+    """The values of one sweep parameter: "a,b" or "[1,2],[3,4]"."""
+    return re.findall(r"\[[^\]]*\]|[^,\[\]]+", str(text))
+
+
+def rates(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in re.findall(r"\d*\.\d+|\d+", text))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_composes_names_itself_and_resumes(name):
+    cfg = sweep_config(name)
+    assert cfg.sweep_name == name and cfg.skip_recorded is True
+    assert cfg.hydra.sweeper.params, "a sweep must sweep something"
+
+
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [
+        ("tnt", "schedule.rates"),
+        ("topk", "schedule.rates"),
+        ("zerotp", "schedule.rates"),
+        ("tome", "method.r"),
+    ],
+)
+def test_multi_layer_sweeps_hold_every_rate_row_of_the_paper(method, key):
+    cfg = sweep_config(f"paper_multi_{method}")
+    assert cfg.schedule.name == "multi" and cfg.method.name == method
+    swept = {rates(v) for v in sweep_values(cfg.hydra.sweeper.params[key])}
+    paper = {
+        rates(r["params"].split("=", 1)[1])
+        for r in load_results()
+        if r["method"] == method and r["schedule"] == "multi" and r["params"]
+    }
+    assert swept == paper
+
+
+@pytest.mark.parametrize(
+    ("sweep", "model"),
+    [
+        ("paper_single_deit_s", "deit_small_distilled"),
+        ("paper_single_deit_b", "deit_base_distilled"),
+        ("paper_single_deit_t", "deit_tiny_distilled"),
+        ("paper_single_vit16", "vit_b16_meanpool"),
+    ],
+)
+def test_single_layer_sweeps_cover_every_setting_of_their_tables(sweep, model):
+    cfg = sweep_config(sweep)
+    assert cfg.model.name == model and cfg.data.name == "imagenet"
+    methods = set(sweep_values(cfg.hydra.sweeper.params.method))
+    kept = {int(196 * float(k)) for k in sweep_values(cfg.hydra.sweeper.params.keep_rate)}
+    for row in load_results():
+        if row["base_model"] != model or row["schedule"] != "single" or row["method"] in ("base", "tnt_mlp"):
+            continue
+        setting = row["setting"]
+        tokens = (
+            int(setting.split("=")[1]) if setting.startswith("#tokens") else int(196 * float(setting[2:]))
+        )
+        assert row["method"] in methods, row
+        assert tokens in kept, row
+
+
+def test_command_line_overrides_beat_the_sweep(tmp_path):
+    cfg = sweep_config("paper_single_deit_s", "data=synthetic", "paper_flops_compat=false")
+    assert cfg.data.name == "synthetic" and cfg.paper_flops_compat is False
+
+
+def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
+    args = [
+        "-m",
+        "+sweep=mnist_all",
+        "method=random,tome",
+        "keep_rate=0.7,0.3",
+        "data=synthetic",
+        "measure.throughput=false",
+        "logger=csv",
+    ]
+    first = run_py(args, tmp_path, timeout=300)
+    assert first.returncode != 0  # Hydra reports the failed job after running every job
+    assert "Error executing job with overrides: ['method=tome', 'keep_rate=0.3'" in first.stderr
+    records = read_records(tmp_path / "results")
+    status = {(r["method"], r["keep_rate"]): r["status"] for r in records}
+    assert status == {
+        ("random", 0.7): "ok",
+        ("random", 0.3): "ok",
+        ("tome", 0.7): "ok",
+        ("tome", 0.3): "failed",  # ToMe keeps at least half the tokens in one layer
+    }
+    failed = next(r for r in records if r["status"] == "failed")
+    assert "half" in failed["error"]["message"] and failed["sweep_name"] == "mnist_all"
+
+    again = run_py(args, tmp_path, timeout=300)
+    assert again.stdout.count("already recorded") == 3  # only the failed job runs again
+    assert len(read_records(tmp_path / "results")) == 5
+
+
+def test_slurm_dry_run_prints_the_array_submission(tmp_path):
+    env = {**os.environ, "TNT_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "slurm-dry",
+            "SWEEP=paper_multi_tnt",
+            "PARTITION=gpu",
+            "GPUS=4",
+            f"PYTHON={sys.executable}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for line in (
+        "#SBATCH --array=0-9%10",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",  # one DDP process per GPU
+        "#SBATCH --mem=64GB",
+        "#SBATCH --time=240",
+    ):
+        assert line in out
+    assert "srun" in out and "submitit.core._submit" in out
+    jobs = re.findall(r"#   job \d+: python run.py (.*)", out)
+    assert len(jobs) == 10 and all("trainer=ddp trainer.devices=4" in j for j in jobs)
+    assert "schedule.rates=[0.65,0.85,0.7]" in jobs[4]
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_the_same_jobs_run_locally_through_submitit(tmp_path):
+    proc = run_py(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "method=random,topk",
+            "data=synthetic",
+            "measure.throughput=false",
+            "logger=csv",
+            "sweep_name=local_test",
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_records(tmp_path / "results")
+    assert sorted(r["method"] for r in records) == ["random", "topk"]
+    assert all(r["status"] == "ok" and r["metrics"]["gflops"] > 0 for r in records)
+    assert list(Path(tmp_path / "outputs" / "multiruns").rglob("*_submitted.pkl"))  # went through submitit
+
+
+def test_wandb_runs_are_named_grouped_and_tagged_for_the_dashboard(tmp_path):
+    cfg = sweep_config("mnist_all", "method=tnt", "keep_rate=0.3", "tags=[ablation]", "logger=wandb")
+    assert cfg.logger.wandb.group == "mnist_all"
+    fields = wandb_run_fields(cfg, cfg.logger.wandb)
+    assert fields["name"] == "eval-vit_mnist-tnt-K0.3" and fields["job_type"] == "eval"
+    assert fields["tags"] == [
+        "method:tnt",
+        "model:vit_mnist",
+        "schedule:single",
+        "data:mnist",
+        "task:eval",
+        "ablation",
+    ]
+    assert wandb_run_fields(cfg, cfg.logger.csv) == {}
