@@ -88,6 +88,12 @@ def pretrain_fn(cfg: DictConfig):
     def pretrain(model: VisionTransformer, spec: BackboneSpec) -> dict[str, Any]:
         recipe = OmegaConf.create(spec.pretrain)
         L.seed_everything(recipe.seed, workers=True)
+        # The caller built the model before seeding: redraw its initial weights from the seed, so
+        # that the cached backbone is the same on every machine.
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        model.init_weights()
         datamodule = instantiate(recipe.data)
         module = ImageClassifier(
             model, datamodule.num_classes, OptimConfig(**recipe.optim), label_smoothing=recipe.label_smoothing
