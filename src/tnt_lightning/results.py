@@ -78,13 +78,18 @@ def find_recorded(results_dir: str | Path, key: str, task: str) -> dict[str, Any
     return found
 
 
-def config_key(config: dict[str, Any]) -> str:
-    """A stable hash of what determines a run's result (the resolved config minus volatile keys)."""
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's result (volatile keys left out)."""
     kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     # Token-map settings only matter to task=visualize, and their folder never does.
     if kept.get("task") == "visualize" and isinstance(kept.get("visualize"), dict):
         kept["visualize"] = {k: v for k, v in kept["visualize"].items() if k != "out_dir"}
     else:
         kept.pop("visualize", None)
-    blob = json.dumps(kept, sort_keys=True, default=str)
+    return kept
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable hash of what determines a run's result (:func:`comparable_config`)."""
+    blob = json.dumps(comparable_config(config), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

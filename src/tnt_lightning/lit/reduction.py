@@ -51,6 +51,7 @@ class TokenReductionModule(ImageClassifier):
         self.strict_loading = False  # checkpoints hold only the trained parameters
         for stage in ("val", "test"):
             self.metrics[f"{stage}_acc1_full"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.acc1_full: dict[str, torch.Tensor] = {}
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -84,15 +85,22 @@ class TokenReductionModule(ImageClassifier):
 
     def _eval_step(self, batch, stage: str) -> None:
         super()._eval_step(batch, stage)
+        if stage in self.acc1_full:  # the frozen backbone's accuracy cannot change: measured once
+            return
         x, y = batch
         with self.model.reduction_disabled():
             self.metrics[f"{stage}_acc1_full"].update(self.model(x), y)
 
     def _eval_epoch_end(self, stage: str) -> None:
         super()._eval_epoch_end(stage)
-        metric = self.metrics[f"{stage}_acc1_full"]
-        self.log(f"{stage}/acc1_full", 100.0 * metric.compute())
-        metric.reset()
+        value = self.acc1_full.get(stage)
+        if value is None:
+            metric = self.metrics[f"{stage}_acc1_full"]
+            value = 100.0 * metric.compute()
+            metric.reset()
+            if not self.trainer.sanity_checking:  # the sanity check sees a few batches only
+                self.acc1_full[stage] = value
+        self.log(f"{stage}/acc1_full", value)
 
     def configure_optimizers(self):
         steps = self.trainer.estimated_stepping_batches

@@ -67,9 +67,8 @@ def overrides_for(row: dict[str, str]) -> list[str] | None:
     if method in ("evit", "dynamicvit"):
         out.append("method.paper_flops_compat=true")
     if method == "tome" and row["base_model"] == "vit_b16_meanpool":
-        out.append(
-            "method.metric=keys"
-        )  # the paper's ViT/16 ToMe matches on all D key channels (METHODS.md 6.4)
+        # the paper's ViT/16 ToMe matches on all D key channels (METHODS.md 6.4)
+        out.append("method.metric=keys")
     setting, params = row["setting"], row["params"]
     if method == "none":
         return out
@@ -81,9 +80,8 @@ def overrides_for(row: dict[str, str]) -> list[str] | None:
         else:
             return None
         if method == "evit" and row["base_model"] == "deit_base_distilled":
-            out.append(
-                "method.single_block=3"
-            )  # the paper's DeiT-B EViT GFLOPs fit block 3 (METHODS.md 11.3)
+            # the paper's DeiT-B EViT GFLOPs fit block 3 (METHODS.md 11.3)
+            out.append("method.single_block=3")
         return out
     if params.startswith("Rate="):
         rates = _floats(params)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paper import anchor_exception, load_results, overrides_for
-from ..results import VOLATILE_CONFIG_KEYS, read_records, results_path
+from ..results import comparable_config, read_records, results_path
 
 PAPER_PATCHES = 196  # the paper's backbones are 224/16: keep rates are fractions of 196 patches
 PAPER_DATA = "imagenet"
@@ -153,34 +153,17 @@ def paper_method(record: dict[str, Any]) -> str:
 
 
 def _config_but_seed(record: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config minus what does not change a result and the seeds.
-
-    Left out: the volatile keys (paths, loggers, ...), and any value inside the run's own folder
-    (``visualize.out_dir`` resolves to one), which differs between otherwise identical runs.
-    """
-    full = record.get("config") or {}
-    run_dir = str((full.get("paths") or {}).get("output_dir") or "") or None
-    config = {k: v for k, v in full.items() if k not in (*VOLATILE_CONFIG_KEYS, "seed")}
+    """What determines the record's result (paths, loggers, run folders left out), minus the seeds."""
+    config = comparable_config(record.get("config") or {})
+    config.pop("seed", None)
     if isinstance(config.get("method"), dict):
         config["method"] = {k: v for k, v in config["method"].items() if k != "seed"}
-    return _without_run_paths(config, run_dir) if run_dir else config
-
-
-def _without_run_paths(value: Any, run_dir: str) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: _without_run_paths(v, run_dir)
-            for k, v in value.items()
-            if not (isinstance(v, str) and v.startswith(run_dir))
-        }
-    return value
+    return config
 
 
 def _setting_key(record: dict[str, Any]) -> str:
     """Records with equal keys ran the same configuration except for the seed."""
-    fields = {k: record.get(k) for k in ("task", "model", "method", "data")}
-    fields["setting"] = repr(record_setting(record))
-    return json.dumps([fields, _config_but_seed(record)], sort_keys=True, default=str)
+    return json.dumps([record.get("task"), _config_but_seed(record)], sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------- the paper

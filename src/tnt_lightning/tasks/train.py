@@ -171,7 +171,6 @@ def ensure_trained(
     spec: BackboneSpec,
     reducer: LearnedReducer,
     loggers: list[Logger] | bool = False,
-    force: bool = False,
 ) -> tuple[Path, bool]:
     """The trained artefact for ``reducer``'s configuration, training it first if it is missing.
 
@@ -179,14 +178,14 @@ def ensure_trained(
     """
     workdir = training_dir(cfg, spec, reducer)
     final = workdir / TRAINED_FILE
-    if final.exists() and not force:
+    if final.exists():
         return final, False
     workdir.mkdir(parents=True, exist_ok=True)
     # One job trains while concurrent jobs wait. The processes of one DDP job must all train
     # together, so they take no lock (and only rank 0 writes the file).
     distributed = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
     with contextlib.nullcontext() if distributed else FileLock(str(workdir) + ".lock"):
-        if final.exists() and not force:
+        if final.exists():
             log.info("another job trained %s meanwhile: using %s", reducer.name, final)
             return final, False
         log.warning(
@@ -342,9 +341,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"method={cfg.method.name} has nothing to train; task=train is for tnt, dynamicvit, dtps"
             )
         reducer.bind(backbone_info(model))
-        path, trained_now = ensure_trained(
-            cfg, spec, reducer, loggers, force=bool(recipe(cfg).get("force", False))
-        )
+        path, trained_now = ensure_trained(cfg, spec, reducer, loggers)
         saved = torch.load(path, map_location="cpu", weights_only=True)
         recorder.details.update(trained=str(path), trained_now=trained_now, training=saved["metrics"])
         recorder.metrics.update(
