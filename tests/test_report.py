@@ -241,7 +241,7 @@ def test_markdown_lists_tables_plots_and_failed_runs(report):
     printed = paper("9", "topk", "K=0.5")
     assert "77.50 ± 0.50" in topk and "| 3 | T9 |" in topk
     assert f"| {float(printed['acc_top1']):.2f} | {77.5 - float(printed['acc_top1']):+.2f} |" in topk
-    failed = text.split("## Failed runs")[1]
+    failed = text.split("## Runs without a result")[1]
     assert "RuntimeError: CUDA out of memory" in failed and "second line" not in failed
     assert "12.3" not in text  # the train record is not an evaluation
     assert f"![{DEIT_S}_imagenet_single_acc_vs_gflops]({DEIT_S}_imagenet_single_acc_vs_gflops.png)" in text
@@ -281,7 +281,7 @@ def test_cli_writes_the_report(report, tmp_path, capsys):
     args = ["--results-dir", str(report.out_dir.parent / "results"), "--out", str(out), "--data", "imagenet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'results.md'}" in printed and "1 failed run(s)" in printed
+    assert f"report: {out / 'results.md'}" in printed and "1 run(s) without a result" in printed
     assert sorted(p.name for p in out.glob("*.csv")) == [
         f"{DEIT_S}_imagenet_multi.csv",
         f"{DEIT_S}_imagenet_single.csv",

@@ -122,7 +122,8 @@ def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
 
     again = run_py(args, tmp_path, timeout=300)
     assert again.stdout.count("already recorded") == 3  # only the failed job runs again
-    assert len(read_records(tmp_path / "results")) == 5
+    assert len(read_records(tmp_path / "results")) == 4  # one current record per experiment
+    assert len(read_records(tmp_path / "results", history=True)) == 5  # every attempt kept
 
 
 def test_slurm_dry_run_prints_the_array_submission(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -32,7 +33,7 @@ class RunConfig:
     seed: int = 0
     sweep_name: str | None = None
     tags: list[str] = field(default_factory=list)
-    skip_recorded: bool = False
+    skip_recorded: bool = True
     paper_flops_compat: bool = False
     model: Any = MISSING
     method: Any = MISSING
@@ -44,9 +45,15 @@ class RunConfig:
     paths: Any = MISSING
     train: Any = None
     visualize: Any = None
+    extra: Any = field(default_factory=dict)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user asked for cannot be done; run.py prints its message alone, in one line
+    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value is out of its allowed range."""
 
 
@@ -67,6 +74,115 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
         _check(isinstance(value, int) and value >= minimum, key, value, f"an integer >= {minimum}")
 
 
+# Lightning's trainer.precision values (lightning.fabric's _PRECISION_INPUT).
+PRECISIONS = (
+    "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+    "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16,
+)  # fmt: skip
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+# Keys the framework reads when present but no config file sets: ``+key=value`` may add them.
+OPTIONAL_KEYS = ("data.train_overrides",)
+
+
+def _number(cfg: DictConfig, key: str, low: float, high: float | None = None, low_open: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    bounds = f"{low} {'<' if low_open else '<='} {key}" + (f" <= {high}" if high is not None else "")
+    _check(ok, key, value, f"a number with {bounds}")
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
+    _positive_int(cfg, "trainer.max_epochs")
+    _positive_int(cfg, "trainer.num_nodes")
+    _positive_int(cfg, "trainer.log_every_n_steps")
+    _positive_int(cfg, "trainer.accumulate_grad_batches")
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    _check(precision in PRECISIONS, "trainer.precision", precision, f"one of {list(PRECISIONS[:6])}")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    _check(accelerator in ACCELERATORS, "trainer.accelerator", accelerator, f"one of {list(ACCELERATORS)}")
+    devices = OmegaConf.select(cfg, "trainer.devices")
+    ok = devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
+    ok = ok or (OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) for d in devices))
+    ok = ok or (isinstance(devices, str) and devices.replace(",", "").isdigit())
+    _check(ok, "trainer.devices", devices, "'auto', -1, an integer >= 1 or a list of device indices")
+
+
+def _validate_schedule(cfg: DictConfig) -> None:
+    name = OmegaConf.select(cfg, "schedule.name")
+    _check(name in ("single", "multi"), "schedule.name", name, "one of ['single', 'multi']")
+    blocks = OmegaConf.select(cfg, "schedule.blocks")
+    rates = OmegaConf.select(cfg, "schedule.rates")
+    depth = OmegaConf.select(cfg, "model.arch.depth")
+    if blocks is not None:
+        values = list(blocks) if OmegaConf.is_list(blocks) else blocks
+        ok = (
+            isinstance(values, list)
+            and len(values) > 0
+            and all(isinstance(b, int) and b >= 0 for b in values)
+        )
+        ok = ok and values == sorted(set(values)) and (depth is None or values[-1] < depth)
+        limit = f" < model.arch.depth={depth}" if depth is not None else ""
+        _check(ok, "schedule.blocks", values, f"a non-empty increasing list of block indices >= 0{limit}")
+        if name == "single":
+            _check(len(values) == 1, "schedule.blocks", values, "one block with schedule=single")
+    if rates is not None:
+        values = list(rates) if OmegaConf.is_list(rates) else rates
+        ok = isinstance(values, list) and len(values) > 0
+        ok = ok and all(isinstance(r, int | float) and 0 < r <= 1 for r in values)
+        _check(ok, "schedule.rates", values, "a non-empty list of keep rates, each 0 < rate <= 1")
+        _check(name == "multi", "schedule.rates", values, "only with schedule=multi (single takes keep_rate)")
+        if blocks is not None:
+            _check(
+                len(values) == len(blocks),
+                "schedule.rates",
+                values,
+                f"one rate per block of schedule.blocks={list(blocks)}",
+            )
+
+
+def _validate_devices(cfg: DictConfig) -> None:
+    """The device a run asks for exists (torch is imported only when a GPU is asked for)."""
+    device = OmegaConf.select(cfg, "measure.device")
+    asked = {"measure.device": device, "trainer.accelerator": OmegaConf.select(cfg, "trainer.accelerator")}
+    wants_gpu = {k: str(v) for k, v in asked.items() if str(v).split(":")[0] in ("cuda", "gpu")}
+    if not wants_gpu:
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    for key, value in wants_gpu.items():
+        index = int(value.split(":")[1]) if ":" in str(value) else 0
+        _check(index < count, key, value, f"a device this machine has ({count} CUDA device(s); use 'cpu')")
+
+
+def _validate_recipe(cfg: DictConfig) -> None:
+    for key in ("method.train.epochs", "method.train.batch_size"):
+        _positive_int(cfg, key)
+    _positive_int(cfg, "method.train.warmup_epochs", minimum=0)
+    _number(cfg, "method.train.base_lr", 0.0, low_open=True)
+
+
+def _validate_loggers(cfg: DictConfig) -> None:
+    """W&B online needs credentials: find out now, not after the run."""
+    wandb = OmegaConf.select(cfg, "logger.wandb")
+    if wandb is None or wandb.get("mode") != "online":
+        return
+    netrc = Path("~/.netrc").expanduser()
+    has_key = os.environ.get("WANDB_API_KEY") or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    _check(
+        bool(has_key),
+        "logger.wandb.mode",
+        "online",
+        "online only with W&B credentials (WANDB_API_KEY or `wandb login`); or 'offline' and "
+        "`wandb sync` later",
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks on the composed config; raises :class:`ConfigError` naming the bad key."""
     _check(0.0 < cfg.keep_rate <= 1.0, "keep_rate", cfg.keep_rate, "0 < keep_rate <= 1")
@@ -74,13 +190,16 @@ def validate(cfg: DictConfig) -> None:
     for key in (
         "data.batch_size",
         "data.eval_batch_size",
+        "data.num_samples",
+        "data.image_size",
         "measure.batch_size",
         "measure.iters",
         "measure.repeats",
     ):
         _positive_int(cfg, key)
-    for key in ("data.num_workers", "measure.warmup"):
+    for key in ("data.num_workers", "data.split_seed", "data.max_shift", "measure.warmup"):
         _positive_int(cfg, key, minimum=0)
+    _number(cfg, "data.crop_pct", 0.0, 1.0, low_open=True)
     mode = OmegaConf.select(cfg, "measure.throughput_mode")
     _check(mode in ("paper", "robust"), "measure.throughput_mode", mode, "one of ['paper', 'robust']")
     device = OmegaConf.select(cfg, "measure.device")
@@ -90,5 +209,38 @@ def validate(cfg: DictConfig) -> None:
         device,
         "'auto', 'cpu' or 'cuda[:N]'",
     )
-    schedule = OmegaConf.select(cfg, "schedule.name")
-    _check(schedule in ("single", "multi"), "schedule.name", schedule, "one of ['single', 'multi']")
+    _validate_schedule(cfg)
+    _validate_trainer(cfg)
+    _validate_recipe(cfg)
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """What the config asks of this machine is here: the devices, W&B credentials when online."""
+    _validate_loggers(cfg)
+    _validate_devices(cfg)
+
+
+def check_added_keys(overrides: list[str], cfg: DictConfig, conf_dir: str) -> None:
+    """``+key=value`` may add a config group option or a key the framework reads; anything else is
+    a typo that would silently run another experiment. ``++key=value`` and ``extra.*`` always pass."""
+    from difflib import get_close_matches
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if not override.is_add() or override.is_force_add() or key.startswith(("extra.", "hydra")):
+            continue
+        if os.path.isdir(os.path.join(conf_dir, key.replace(".", os.sep))):
+            continue  # a config group: +sweep=..., +experiment=...
+        if any(key == k or key.startswith(k + ".") for k in OPTIONAL_KEYS):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = [k for k in node if k != leaf] if OmegaConf.is_dict(node) else []
+        near = get_close_matches(leaf, known, n=1)
+        hint = f" (did you mean {(parent + '.' if parent else '') + near[0]}?)" if near else ""
+        raise ConfigError(
+            f"+{key}: {key} is not a key the framework reads{hint}. Set an existing key without '+', "
+            f"use extra.<name> for your own annotations, or '++{key}' to add it anyway"
+        )

@@ -11,13 +11,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from ..config import UserError
 from .base import ClassificationDataModule
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(UserError, ValueError):
     """The data folder is missing, laid out wrongly, or has an empty split."""
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..config import UserError
 from .tokens import Tokens
 
 
@@ -65,7 +66,7 @@ class BackboneInfo:
     global_pool: str
 
 
-class ReductionError(ValueError):
+class ReductionError(UserError, ValueError):
     """A method cannot run as configured on this backbone (raised before the model runs)."""
 
 

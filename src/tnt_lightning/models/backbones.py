@@ -17,10 +17,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..config import UserError
+
 WEIGHT_SOURCES = ("hub", "pretrain", "checkpoint", "random")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Raised when the weights a run needs cannot be found or downloaded."""
 
 

@@ -53,7 +53,7 @@ def report_main(argv: list[str]) -> int:
         filters = describe_filters(args.sweep, args.model, args.data)
         print(f"no successful evaluation run passes the filters ({filters}); only failed runs are listed")
     if report.failed:
-        print(f"{len(report.failed)} failed run(s) listed in the report")
+        print(f"{len(report.failed)} run(s) without a result (failed, interrupted, ...) listed in the report")
     print(f"report: {report.markdown}")
     if args.wandb:
         from .wandb_log import log_report

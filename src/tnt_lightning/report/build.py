@@ -80,7 +80,7 @@ def render_markdown(
         "# Results",
         "",
         f"From `{source}` (filters: {describe_filters(*filters)}), {now}: {runs} pruned run(s) in "
-        f"{len(groups)} table(s), {len(failed)} failed run(s).",
+        f"{len(groups)} table(s), {len(failed)} run(s) without a result.",
         "",
         "Mean ± sample std over the runs of a setting that differ only in their seed (n runs). "
         "Paper: the paper's table (T9 = Table 9) printing the same setting; Δ = ours - paper. The "
@@ -104,5 +104,5 @@ def render_markdown(
         elif not group.has_accuracy:
             lines += ["", "No accuracy in these runs: no plots."]
     if failed:
-        lines += ["", "## Failed runs", "", failed_table(failed)]
+        lines += ["", "## Runs without a result", "", failed_table(failed)]
     return "\n".join(lines) + "\n"

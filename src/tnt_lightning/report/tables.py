@@ -101,7 +101,8 @@ def select(
     model: str | None = None,
     data: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(ok evaluation records with metrics, failed records of any task) that pass the filters."""
+    """(ok evaluation records with metrics, records of any task without a result: failed,
+    interrupted, preempted, timed out) that pass the filters."""
     kept = [
         r
         for r in records
@@ -114,7 +115,7 @@ def select(
         for r in kept
         if r.get("status") == "ok" and is_eval(r) and any(k in (r.get("metrics") or {}) for k in METRICS)
     ]
-    failed = [r for r in kept if r.get("status") == "failed"]
+    failed = [r for r in kept if r.get("status") != "ok"]
     return ok, failed
 
 
@@ -612,15 +613,16 @@ def error_summary(record: dict[str, Any], limit: int = 200) -> str:
 
 
 def failed_table(records: Sequence[dict[str, Any]]) -> str:
-    """The failed runs, one line each with the error message."""
-    header = ["Run", "When", "Task", "Model", "Method", "Setting", "Data", "Seed", "Error"]
+    """The runs without a result, one line each with its status and error message."""
+    header = ["Run", "When", "Status", "Task", "Model", "Method", "Setting", "Data", "Seed", "Error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         try:
             label = record_setting(r).label
         except (KeyError, TypeError, ValueError):
             label = ""
-        cells = [str(r.get(k, "")) for k in ("run_id", "created_at", "task", "model", "method")] + [
+        keys = ("run_id", "created_at", "status", "task", "model", "method")
+        cells = [str(r.get(k, "")) for k in keys] + [
             label,
             str(r.get("data", "")),
             str(r.get("seed", "")),

@@ -1,14 +1,22 @@
-"""Tasks (``task=``): what a run does with the composed config."""
+"""Tasks (``task=``): what a run does with the composed config.
+
+:func:`run_task` is the one door: it checks the config and the results folder, claims the
+experiment in the results store (so that it is never run twice, not even by two sweeps at once),
+runs the task with stop signals turned into recorded interruptions, and releases the claim.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import Task, validate
-from ..results import config_key, find_recorded
+from ..config import ConfigError, Task, check_environment, validate
+from ..results import ResultsStore, StoreError, config_key
+from .interrupts import interruption_signals, outcome
+from .records import current_attempt, new_run_id, process_rank
 
 log = logging.getLogger(__name__)
 
@@ -16,19 +24,61 @@ log = logging.getLogger(__name__)
 def recorded(cfg: DictConfig) -> dict[str, Any] | None:
     """This configuration's ok record in the results store, if it was run before."""
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return find_recorded(cfg.paths.results_dir, config_key(config), config["task"])
+    return ResultsStore(cfg.paths.results_dir).recorded(config["task"], config_key(config))
 
 
-def run_task(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg`` and run its task; returns the run's record."""
+def _describe(holder: dict[str, Any]) -> str:
+    slurm = holder.get("slurm") or {}
+    where = f"SLURM job {slurm['job_id']}" if slurm.get("job_id") else f"pid {holder.get('pid')}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started_at", 0)))
+    return f"{where} on {holder.get('host')}, since {started}"
+
+
+def run_task(cfg: DictConfig) -> dict[str, Any] | None:
+    """Validate ``cfg`` and run its task; returns the run's record (None if another job runs it).
+
+    A stopped job (SIGTERM, SIGINT) is recorded as ``interrupted`` and ends the process with
+    128 + the signal's number; a failure is recorded and raised.
+    """
     validate(cfg)
+    check_environment(cfg)
+    store = ResultsStore(cfg.paths.results_dir)
+    try:
+        store.check_writable()
+    except StoreError as e:
+        raise ConfigError(str(e)) from e
     task = Task(cfg.task)
-    if cfg.get("skip_recorded"):
-        done = recorded(cfg)
-        if done is not None:
-            log.info("skipping: recorded already as run %s (%s)", done["run_id"], done["created_at"])
-            print(f"{task.value}: already recorded as run {done['run_id']}; skipped (skip_recorded=true)")
-            return done
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    key = config_key(config)
+    if process_rank() != 0:  # DDP ranks > 0 follow rank 0, which holds the claim
+        return _dispatch(cfg, task)
+    admission = store.begin(task.value, key, new_run_id(), bool(cfg.skip_recorded))
+    if admission.recorded is not None:
+        done = admission.recorded
+        print(
+            f"{task.value}: already recorded as run {done['run_id']} ({done['created_at']}); skipped "
+            f"(skip_recorded=false runs it again)"
+        )
+        return done
+    if admission.running_elsewhere is not None:
+        print(f"{task.value}: running already as {_describe(admission.running_elsewhere)}; skipped")
+        return None
+    token = current_attempt.set(admission.claim.holder["attempt_id"])
+    try:
+        with interruption_signals():
+            return _dispatch(cfg, task)
+    except BaseException as exc:
+        status, exit_code = outcome(exc, exc.__traceback__)
+        if exit_code is not None:
+            print(f"{task.value}: {status} ({exc}); exiting with status {exit_code}")
+            raise SystemExit(exit_code) from exc
+        raise
+    finally:
+        current_attempt.reset(token)
+        admission.claim.release()
+
+
+def _dispatch(cfg: DictConfig, task: Task) -> dict[str, Any]:
     if task is Task.eval:
         from .evaluate import evaluate
 

@@ -41,6 +41,8 @@ def wandb_run_fields(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
 def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
     """The run's loggers (W&B offline by default, and a local CSV copy), finished on exit.
 
+    Enter the run's recorder first: a logger that fails to start then still leaves a record.
+
     Finishing matters: in one process a second ``wandb.init`` without ``wandb.finish`` silently
     returns the same run, so a multirun would log every job into the first job's run.
     """
@@ -54,13 +56,29 @@ def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
         yield loggers
     finally:
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
+            close_logger(logger)
 
-                if wandb.run is not None:
-                    wandb.finish()
-            else:
-                logger.finalize("success")
+
+def close_logger(logger: Logger) -> None:
+    """Finish one logger; a logger that cannot close (W&B's service killed by a requeue, say) is
+    reported, never allowed to turn a finished run into a failed one."""
+    try:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        else:
+            logger.finalize("success")
+    except Exception as e:
+        where = getattr(logger, "save_dir", None) or getattr(logger, "log_dir", None)
+        log.warning(
+            "%s did not close cleanly (%s: %s); its files are in %s",
+            type(logger).__name__,
+            type(e).__name__,
+            e,
+            where,
+        )
 
 
 def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:

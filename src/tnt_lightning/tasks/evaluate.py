@@ -78,7 +78,7 @@ def build_pruned_model(
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one configuration and append its record; returns the record."""
     recorder = RunRecorder(cfg, keep_rate=1.0 if cfg.method.name == "none" else cfg.keep_rate)
-    with job_loggers(cfg) as loggers, recorder:
+    with recorder, job_loggers(cfg) as loggers:
         spec: BackboneSpec = instantiate(cfg.model)
         datamodule: ClassificationDataModule = instantiate(cfg.data)
         if datamodule.has_labels:

@@ -17,7 +17,7 @@ from .records import RunRecorder
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """(Re)train ``model`` as its ``pretrain`` recipe says and cache the weights."""
     recorder = RunRecorder(cfg, keep_rate=1.0)
-    with job_loggers(cfg) as loggers, recorder:
+    with recorder, job_loggers(cfg) as loggers:
         spec: BackboneSpec = instantiate(cfg.model)
         if not spec.pretrain:
             raise ConfigError(

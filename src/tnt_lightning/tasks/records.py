@@ -1,7 +1,10 @@
-"""One record per run: what was run, what it measured, and on what; written even when it fails."""
+"""One record per run: what was run, what it measured, and on what; written even when it fails or
+is stopped (:mod:`.interrupts` says with which status). Imports nothing heavy: run_task uses it
+before validation has passed."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import platform
 import subprocess
@@ -12,19 +15,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ..results import append_record, config_key
+from ..results import CONFIG_KEY_VERSION, ResultsStore, config_key, slurm_job
+from .interrupts import outcome, signals_deferred
 
 log = logging.getLogger(__name__)
+
+# The claim id of the job running now (:func:`tnt_lightning.tasks.run_task`): every record the job
+# writes carries it, so a job killed between its two store writes can be recovered from its claim.
+current_attempt: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_attempt", default=None)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed job (0 when not distributed), as Lightning reads it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
     """Versions, device and code revision a result was measured with."""
     import lightning
     import timm
+    import torch
 
     return {
         "python": platform.python_version(),
@@ -61,15 +79,16 @@ def git_commit() -> str | None:
 
 
 class RunRecorder:
-    """Collects a run's metrics and appends its record on exit, ``ok`` or ``failed`` with the error.
+    """Collects a run's metrics and appends its record on exit: ``ok``, or ``failed`` (with the
+    error), ``interrupted``, ``preempted`` or ``timed_out`` (:func:`.interrupts.outcome`).
 
-    Whatever was measured before a failure stays in the failed record: nothing computed is lost.
+    Whatever was measured before a failure stays in the record: nothing computed is lost.
     """
 
     def __init__(self, cfg: DictConfig, **fields: Any) -> None:
         self.cfg = cfg
         self.config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         self.fields = fields
         self.metrics: dict[str, Any] = {}
         self.details: dict[str, Any] = {}
@@ -80,17 +99,18 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        status = "ok" if exc is None else "failed"
+        status, _ = outcome(exc, tb)
         error = None
         if exc is not None:
             error = {
                 "type": exc_type.__name__,
-                "message": str(exc),
+                "message": str(exc) or repr(exc),
                 "traceback": "".join(traceback.format_tb(tb)),
             }
         self.record = self.build(status, error)
-        if rank_zero_only.rank == 0:  # one record per job, not one per DDP process
-            path = append_record(self.cfg.paths.results_dir, self.record)
+        if process_rank() == 0:  # one record per job, not one per DDP process
+            with signals_deferred():
+                path = ResultsStore(self.cfg.paths.results_dir).append(self.record)
             log.info("recorded run %s (%s) in %s", self.run_id, status, path)
         return False
 
@@ -98,6 +118,7 @@ class RunRecorder:
         cfg = self.cfg
         return {
             "run_id": self.run_id,
+            "attempt_id": current_attempt.get(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": status,
             "error": error,
@@ -113,6 +134,8 @@ class RunRecorder:
             "details": self.details,
             "duration_s": round(time.time() - self._start, 2),
             "config_key": config_key(self.config),
+            "config_key_version": CONFIG_KEY_VERSION,
+            "slurm": slurm_job(),
             "config": self.config,
             "env": environment(self.details.get("throughput", {}).get("device")),
         }

@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError
+from ..config import ConfigError, UserError
 from ..engine import apply_reducer, backbone_info
 from ..lit import OptimConfig, TokenReductionModule
 from ..methods import LearnedReducer, build_reducer
@@ -45,7 +45,7 @@ RECIPE_VOLATILE = ("auto", "val_keep_rate")
 DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
 
 
-class TrainedParametersError(RuntimeError):
+class TrainedParametersError(UserError, RuntimeError):
     """Trained parameters are missing, or were trained for something else."""
 
 
@@ -329,7 +329,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .records import RunRecorder
 
     recorder = RunRecorder(cfg, task="train")  # train_eval's training half is a train record
-    with job_loggers(cfg) as loggers, recorder:
+    with recorder, job_loggers(cfg) as loggers:
         spec: BackboneSpec = instantiate(cfg.model)
         model = create_model(spec)
         reducer, schedule = build_reducer(

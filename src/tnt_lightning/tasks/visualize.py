@@ -111,7 +111,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     settings = cfg.visualize
     recorder = RunRecorder(cfg, keep_rate=cfg.keep_rate)
-    with job_loggers(cfg) as loggers, recorder:
+    with recorder, job_loggers(cfg) as loggers:
         spec: BackboneSpec = instantiate(cfg.model)
         datamodule: ClassificationDataModule = instantiate(cfg.data)
         mean, std = image_stats(datamodule)

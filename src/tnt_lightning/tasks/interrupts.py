@@ -1,0 +1,99 @@
+"""How a job that is stopped from outside ends: recorded with its own status, exit status non-zero.
+
+SIGTERM (``scancel``, ``kill``, a scheduler's time-out) and SIGINT (Ctrl-C) raise
+:class:`JobInterrupted` in the running task; the task's record says ``interrupted`` and the
+process exits with 128 + the signal's number, so a sweep never ends with exit 0 and jobs left
+undone. Under submitit (``hydra/launcher=slurm``), its USR2 handler checkpoints, requeues the job
+and raises ``SystemExit(-1)``: that attempt is recorded as ``preempted`` (the requeued job resumes
+and records the outcome); a job submitit will not requeue again is ``timed_out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import traceback
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+# Record statuses other than ok and failed; none of them counts as a result.
+STATUSES = ("ok", "failed", "interrupted", "preempted", "timed_out")
+
+
+class JobInterrupted(BaseException):
+    """A stop signal arrived while a task ran (a BaseException: no ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise JobInterrupted(signum)
+
+
+@contextlib.contextmanager
+def interruption_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`JobInterrupted` while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold stop and requeue signals back while a record is written, so it is written whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _from_submitit(tb: TracebackType | None) -> bool:
+    return any("submitit" in frame.filename for frame in traceback.extract_tb(tb))
+
+
+def outcome(exc: BaseException | None, tb: TracebackType | None) -> tuple[str, int | None]:
+    """(record status, exit code to end the process with, or None to let the exception go on)."""
+    if exc is None:
+        return "ok", None
+    if type(exc).__name__ == "UncompletedJobError" and _from_submitit(tb):
+        return "timed_out", None
+    for link in _chain(exc):
+        if isinstance(link, JobInterrupted):
+            return "interrupted", link.exit_code
+        if isinstance(link, KeyboardInterrupt):
+            return "interrupted", 128 + signal.SIGINT
+    if isinstance(exc, SystemExit):
+        if exc.code == -1 and _from_submitit(tb):
+            return "preempted", None
+        if type(exc).__name__ == "SIGTERMException":  # Lightning's, raised with no exit code
+            return "interrupted", 128 + signal.SIGTERM
+        return "interrupted", None
+    return "failed", None

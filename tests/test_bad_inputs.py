@@ -1,0 +1,78 @@
+"""Every bad input fails early through run.py: non-zero exit, one line naming the key or file, and
+nothing expensive (a backbone's training, a model's weights, a record) done before it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import run_py
+
+# (overrides, what the message must name). "{tmp}" is the test's root folder.
+BAD_INPUTS = [
+    (["keep_rate=1.5"], "keep_rate=1.5"),
+    (["keep_rate=0"], "keep_rate=0"),
+    (["seed=-1"], "seed=-1"),
+    (["+keep_rat=0.3"], "did you mean keep_rate"),
+    (["+foo=1"], "+foo"),
+    (["+model.foo=1"], "+model.foo"),
+    (["+data.bach_size=4"], "did you mean data.batch_size"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs=-1"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+    (["trainer.precision=bogus"], "trainer.precision='bogus'"),
+    (["trainer.devices=0"], "trainer.devices=0"),
+    (["trainer.devices=abc"], "trainer.devices='abc'"),
+    (["trainer.accelerator=quantum"], "trainer.accelerator='quantum'"),
+    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu'"),
+    (["measure.device=cuda"], "measure.device='cuda'"),
+    (["measure.device=tpu"], "measure.device='tpu'"),
+    (["measure.iters=0"], "measure.iters=0"),
+    (["measure.batch_size=-1"], "measure.batch_size=-1"),
+    (["measure.throughput_mode=fast"], "measure.throughput_mode='fast'"),
+    (["data.split_seed=-1"], "data.split_seed=-1"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["data.eval_batch_size=-2"], "data.eval_batch_size=-2"),
+    (["data.num_workers=-1"], "data.num_workers=-1"),
+    (["method=topk", "schedule=multi", "schedule.rates=[0.5,1.5]"], "schedule.rates=[0.5, 1.5]"),
+    (["method=topk", "schedule.rates=[0.5]"], "only with schedule=multi"),
+    (["method=topk", "schedule=multi", "schedule.blocks=[3,2]"], "schedule.blocks=[3, 2]"),
+    (["method=topk", "schedule=multi", "schedule.blocks=[1,9]"], "model.arch.depth=6"),
+    (
+        ["method=topk", "schedule=multi", "schedule.blocks=[1,2]", "schedule.rates=[0.5]"],
+        "one rate per block",
+    ),
+    (["method=topk", "schedule.blocks=[1,2]"], "one block with schedule=single"),
+    (["method=tnt", "method.train.epochs=0"], "method.train.epochs=0"),
+    (["method=tnt", "method.train.base_lr=-1"], "method.train.base_lr=-1"),
+    (["paths.results_dir={tmp}/a_file"], "paths.results_dir="),
+    (["paths.results_dir=/proc/tnt-results"], "paths.results_dir='/proc/tnt-results'"),
+    (["logger=wandb", "logger.wandb.mode=online"], "logger.wandb.mode='online'"),
+    (["data=imagefolder", "data.root={tmp}", "data.crop_pct=0"], "data.crop_pct=0"),
+    (["task=visualize", "method=topk", "visualize.num_images=0"], "visualize.num_images=0"),
+]
+# Errors that only the model can tell: found when the method is built, before any weights load or
+# data is read, and recorded as a failed run of that configuration.
+FAILS_AT_BUILD = [
+    (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),
+]
+
+
+CASES = [(*case, False) for case in BAD_INPUTS] + [(*case, True) for case in FAILS_AT_BUILD]
+
+
+@pytest.mark.parametrize("overrides,named,recorded", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_fails_early_in_one_line_naming_itself(overrides, named, recorded, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    start = time.time()
+    proc = run_py(args, tmp_path, timeout=120, env={"HYDRA_FULL_ERROR": "", "WANDB_API_KEY": ""})
+    seconds = time.time() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and named in last, last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists() and "training backbone" not in output
+    assert (tmp_path / "results" / "results.jsonl").exists() == recorded
+    assert seconds < 60

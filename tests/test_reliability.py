@@ -1,0 +1,126 @@
+"""Stopped jobs, concurrent sweeps, loggers that fail: nothing runs twice, nothing is lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_py
+from tnt_lightning.results import read_records
+from tnt_lightning.tasks.common import close_logger
+from tnt_lightning.tasks.interrupts import JobInterrupted, outcome
+
+COST_ONLY = ["data=synthetic", "measure.throughput=false", "logger=csv"]
+
+
+def _popen(args: list[str], root) -> subprocess.Popen:
+    env = {**os.environ, "TNT_ROOT": str(root), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 240) -> str:
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+def test_sigterm_ends_the_sweep_with_status_143_and_an_interrupted_record(tmp_path):
+    """A scheduler's SIGTERM mid-training: the job is recorded as interrupted (not failed, not ok),
+    its claim is released, the jobs after it do not start, and the process does not exit 0."""
+    proc = _popen(["-m", "seed=0,1", "logger=csv"], tmp_path)
+    _wait_for(proc, "training backbone vit_mnist once")
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, rest[-3000:]
+    (record,) = read_records(tmp_path / "results", history=True)  # the second job never started
+    assert record["status"] == "interrupted" and record["error"]["message"] == "stopped by SIGTERM"
+    assert record["seed"] == 0 and not list((tmp_path / "results" / "claims").glob("*.json"))
+
+
+def test_two_sweeps_on_one_root_run_each_experiment_once(tmp_path):
+    first = _popen(["-m", "method=random,topk,evit", "keep_rate=0.5,0.7", *COST_ONLY], tmp_path)
+    second = _popen(["-m", "method=evit,topk,zerotp", "keep_rate=0.7,0.5", *COST_ONLY], tmp_path)
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outputs
+    history = read_records(tmp_path / "results", history=True)
+    ran = sorted((r["method"], r["keep_rate"]) for r in history)
+    assert ran == sorted({(m, k) for m in ("random", "topk", "evit", "zerotp") for k in (0.5, 0.7)})
+    shared = sum(o.count("already recorded") + o.count("running already") for o in outputs)
+    assert shared == 4  # topk and evit at both rates: done by one sweep, skipped by the other
+
+    again = run_py(["-m", "method=random,topk", "keep_rate=0.5", *COST_ONLY], tmp_path, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already recorded") == 2
+    assert len(read_records(tmp_path / "results", history=True)) == len(history)
+
+
+def test_a_logger_that_cannot_start_still_leaves_a_failed_record(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    proc = run_py(["logger=csv", f"logger.csv.save_dir={blocker}", *COST_ONLY[:2]], tmp_path, timeout=300)
+    assert proc.returncode != 0
+    (record,) = read_records(tmp_path / "results")
+    assert record["status"] == "failed" and "not_a_folder" in record["error"]["message"]
+
+
+def test_a_logger_that_fails_to_close_does_not_fail_the_run(caplog):
+    class DeadService:
+        save_dir = "/somewhere/wandb"
+
+        def finalize(self, status):
+            raise ConnectionResetError("wandb-core is gone")
+
+    with caplog.at_level(logging.WARNING):
+        close_logger(DeadService())
+    assert "did not close cleanly" in caplog.text and "/somewhere/wandb" in caplog.text
+
+
+def _raise_from(filename: str, exc: BaseException):
+    try:
+        exec(compile("raise exc", filename, "exec"), {"exc": exc})
+    except BaseException as e:
+        return e, e.__traceback__
+
+
+@pytest.mark.parametrize(
+    "exc,filename,expected",
+    [
+        (JobInterrupted(signal.SIGTERM), "task.py", ("interrupted", 143)),
+        (JobInterrupted(signal.SIGINT), "task.py", ("interrupted", 130)),
+        (KeyboardInterrupt(), "task.py", ("interrupted", 130)),
+        (SystemExit(-1), "/site-packages/submitit/core/job_environment.py", ("preempted", None)),
+        (SystemExit(-1), "task.py", ("interrupted", None)),
+        (ValueError("bad"), "task.py", ("failed", None)),
+    ],
+)
+def test_how_an_attempt_ended_decides_its_status_and_exit_code(exc, filename, expected):
+    raised, tb = _raise_from(filename, exc)
+    assert outcome(raised, tb) == expected
+
+
+def test_lightnings_sigterm_exception_is_an_interruption_not_a_clean_exit():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    raised, tb = _raise_from("loop.py", SIGTERMException())
+    assert outcome(raised, tb) == ("interrupted", 143)
+    assert outcome(None, None) == ("ok", None)

@@ -1,0 +1,238 @@
+"""The results store: one current record per experiment, claims, damaged lines, old records, keys."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import compose_config
+from tnt_lightning.results import ResultsStore, config_key, read_records
+from tnt_lightning.results.__main__ import doctor
+from tnt_lightning.results.keys import comparable_config
+from tnt_lightning.results.store import CLAIM_STALE_S
+
+
+def record(i: int, status: str = "ok", key: str | None = None, task: str = "eval", **extra) -> dict:
+    return {
+        "run_id": f"run{i}",
+        "task": task,
+        "status": status,
+        "config_key": key or f"{i:016x}",
+        "config_key_version": 2,
+        **extra,
+    }
+
+
+def test_an_ok_record_supersedes_failures_and_is_never_replaced_by_one(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(record(1, "failed", key="a" * 16))
+    assert store.recorded("eval", "a" * 16) is None and store.current("eval", "a" * 16)["status"] == "failed"
+    store.append(record(2, "ok", key="a" * 16))
+    store.append(record(3, "interrupted", key="a" * 16))
+    assert store.recorded("eval", "a" * 16)["run_id"] == "run2"
+    assert [r["run_id"] for r in read_records(tmp_path)] == ["run2"]
+    assert [r["run_id"] for r in read_records(tmp_path, history=True)] == ["run1", "run2", "run3"]
+
+
+def test_every_appended_line_is_whole_and_group_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        for i in range(3):
+            ResultsStore(tmp_path).append(record(i, payload="x" * 10_000))
+    finally:
+        os.umask(old)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in lines] == ["run0", "run1", "run2"]
+    assert stat.S_IMODE((tmp_path / "results.jsonl").stat().st_mode) == 0o644
+    index = list((tmp_path / "index").rglob("*.json"))
+    assert len(index) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in index)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_damaged_and_foreign_lines_are_reported_by_number_and_skipped(tmp_path, caplog):
+    store = ResultsStore(tmp_path)
+    store.append(record(1))
+    with open(store.path, "a") as f:
+        f.write('{"run_id": "torn", "sta\n[1, 2]\n{"hello": "world"}\n')
+    store.append(record(2))
+    with open(store.path, "a") as f:
+        f.write('{"run_id": "killed mid-write"')  # no newline: the next append must stay readable
+    store.append(record(3))
+    with caplog.at_level("WARNING"):
+        records = read_records(tmp_path)
+    assert [r["run_id"] for r in records] == ["run1", "run2", "run3"]
+    warned = caplog.text
+    assert "results.jsonl:2 skipped" in warned and ":3 skipped" in warned and ":4 skipped" in warned
+    assert ":6 skipped" in warned
+    assert [d.number for d in store.damaged_lines()] == [2, 3, 4, 6]
+
+    assert doctor(tmp_path, repair=False) == 1
+    assert doctor(tmp_path, repair=True) == 0
+    assert store.damaged_lines() == [] and [r["run_id"] for r in read_records(tmp_path)] == [
+        "run1",
+        "run2",
+        "run3",
+    ]
+    (aside,) = tmp_path.glob("results.jsonl.damaged-*")
+    assert len(aside.read_text().splitlines()) == 4  # nothing is lost: the damaged lines are kept aside
+
+
+def test_a_store_without_index_and_records_of_the_old_key_rule_still_match(tmp_path, compose_cfg):
+    """A results.jsonl written before the index (and before config_key v2) is indexed once, and
+    its records are found under the current key."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_cfg("method=topk", "keep_rate=0.3"), resolve=True, enum_to_str=True)
+    old = {"run_id": "v1", "task": "eval", "status": "ok", "config_key": "0123456789abcdef", "config": cfg}
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    store = ResultsStore(tmp_path)
+    assert store.recorded("eval", config_key(cfg))["run_id"] == "v1"
+    assert (tmp_path / "index" / "VERSION").exists()
+
+
+def test_a_claim_keeps_a_second_job_out_until_released(tmp_path):
+    store = ResultsStore(tmp_path)
+    first = store.begin("eval", "k" * 16, "a1", skip_recorded=True)
+    second = store.begin("eval", "k" * 16, "a2", skip_recorded=True)
+    assert first.claim is not None and second.claim is None
+    assert second.running_elsewhere["attempt_id"] == "a1" and second.running_elsewhere["pid"] == os.getpid()
+    store.append(record(1, key="k" * 16, attempt_id="a1"))
+    first.claim.release()
+    third = store.begin("eval", "k" * 16, "a3", skip_recorded=True)
+    assert third.claim is None and third.recorded["run_id"] == "run1"
+    rerun = store.begin("eval", "k" * 16, "a4", skip_recorded=False)
+    assert rerun.claim is not None
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_dead_jobs_claim_is_taken_over_and_its_unindexed_record_recovered(tmp_path):
+    """A job killed after appending its record but before indexing it: the next job finds the
+    record through the dead job's claim, and does not run the experiment again."""
+    store = ResultsStore(tmp_path)
+    store.check_writable()
+    store.append(record(0))
+    claim = store.claims_dir / f"eval-{'d' * 16}.json"
+    holder = {"attempt_id": "dead", "pid": _dead_pid(), "host": socket.gethostname(), "results_offset": 0}
+    claim.write_text(json.dumps(holder))
+    with open(store.path, "a") as f:
+        f.write(json.dumps(record(9, key="d" * 16, attempt_id="dead")) + "\n")
+    (store.index_dir / "dd").mkdir(parents=True)
+    (store.index_dir / "dd" / f".eval-{'d' * 16}.json.123.tmp").write_text("half")
+    admission = store.begin("eval", "d" * 16, "next", skip_recorded=True)
+    assert admission.claim is None and admission.recorded["run_id"] == "run9"
+    assert not claim.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_claim_without_heartbeat_is_stale_and_a_requeued_slurm_job_takes_its_own(tmp_path, monkeypatch):
+    store = ResultsStore(tmp_path)
+    store.check_writable()
+    claim = store.claims_dir / f"eval-{'e' * 16}.json"
+    claim.write_text(json.dumps({"attempt_id": "x", "pid": 1, "host": "another-node"}))
+    assert store.begin("eval", "e" * 16, "y", skip_recorded=True).running_elsewhere is not None
+    old = time.time() - CLAIM_STALE_S - 10
+    os.utime(claim, (old, old))
+    taken = store.begin("eval", "e" * 16, "y", skip_recorded=True)
+    assert taken.claim is not None
+    taken.claim.release()
+
+    slurm = {"job_id": "77", "array_job_id": None, "array_task_id": None}
+    claim.write_text(json.dumps({"attempt_id": "x", "pid": 1, "host": "another-node", "slurm": slurm}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued = store.begin("eval", "e" * 16, "z", skip_recorded=True)
+    assert requeued.claim is not None and requeued.claim.holder["slurm"]["restart_count"] == 1
+    requeued.claim.release()
+
+
+def _race(root: str, barrier, results) -> None:
+    barrier.wait()
+    admission = ResultsStore(root).begin("eval", "r" * 16, f"p{os.getpid()}", skip_recorded=True)
+    results.put(admission.claim is not None)
+
+
+def test_of_many_jobs_starting_together_exactly_one_claims_the_experiment(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(results.get() for _ in procs) == [False] * 5 + [True]
+
+
+def test_check_writable_names_the_key_and_the_folder(tmp_path):
+    from tnt_lightning.results import StoreError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="paths.results_dir=.*a_file"):
+        ResultsStore(blocker).check_writable()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "paths.root_dir=/elsewhere",
+        "data.num_workers=3",
+        "data.eval_batch_size=7",
+        "logger=wandb",
+        "sweep_name=other",
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "skip_recorded=false",
+        "+extra.note=hello",
+    ],
+)
+def test_how_a_run_is_launched_does_not_change_its_key(change, tmp_path):
+    base = compose_config(["method=topk"], tmp_path)
+    other = compose_config(["method=topk", change], tmp_path)
+    assert config_key(container(base)) == config_key(container(other))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["keep_rate=0.3", "method=evit", "seed=1", "measure.batch_size=8", "trainer.precision=bf16-mixed"],
+)
+def test_what_changes_a_result_changes_its_key(change, tmp_path):
+    base = compose_config(["method=topk"], tmp_path)
+    other = compose_config(["method=topk", change], tmp_path)
+    assert config_key(container(base)) != config_key(container(other))
+
+
+def test_training_tasks_keep_the_number_of_training_processes_in_the_key(tmp_path):
+    one = compose_config(["task=train", "method=tnt"], tmp_path)
+    four = compose_config(["task=train", "method=tnt", "trainer=ddp", "trainer.devices=4"], tmp_path)
+    assert config_key(container(one)) != config_key(container(four))
+    assert comparable_config(container(four))["trainer"]["world_size"] == 4
+
+
+def test_a_key_added_later_at_its_neutral_default_leaves_old_keys_unchanged(tmp_path):
+    new = container(compose_config(["method=topk"], tmp_path))
+    new["data"]["on_bad_image"] = "fail"
+    old = json.loads(json.dumps(new))
+    del old["data"]["on_bad_image"]
+    assert config_key(new) == config_key(old)
+    new["data"]["on_bad_image"] = "skip"
+    assert config_key(new) != config_key(old)
+
+
+def container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
