@@ -1,0 +1,80 @@
+"""``config_key``: which runs are the same experiment, whatever folder, machine or launcher ran them.
+
+The key is a hash of the part of the resolved config that can change a run's outcome. The rule,
+versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
+
+* left out, because they only say where or how a result is computed: ``paths``, ``logger``,
+  ``hydra`` (launchers included), ``sweep_name``, ``tags``, ``skip_recorded``, ``verbose``,
+  ``extra`` (the user's own annotations), the data set's location and loader settings
+  (:data:`DATA_HOW`), and every ``trainer`` key except :data:`TRAINER_OUTCOME` (so 1 or N GPUs,
+  CPU or GPU, DDP or not, give the same key for the same evaluation). Training tasks
+  (``train``, ``train_eval``, ``pretrain``) also keep the number of training processes, which
+  scales the effective batch and so the learning rate;
+* dropped while at their default, because they were added after records already existed and do
+  not change those records' outcome at that default (:data:`NEUTRAL_DEFAULTS`): an older record,
+  whose config lacks them, keeps its key;
+* everything else is in: model, method, schedule, keep rate, seed, data set name and split,
+  measure protocol, task.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+CONFIG_KEY_VERSION = 2
+
+TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
+DATA_HOW = ("root", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
+TRAINER_OUTCOME = ("precision", "accumulate_grad_batches", "gradient_clip_val", "deterministic")
+TRAINING_TASKS = ("train", "train_eval", "pretrain")
+# dotted key -> the default at which it is left out of the key.
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "data.on_bad_image": "fail",
+}
+
+
+def _drop(config: dict[str, Any], dotted: str, default: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    if leaf in node and node[leaf] == default:
+        del node[leaf]
+
+
+def _world_size(trainer: dict[str, Any]) -> int | str:
+    devices = trainer.get("devices", 1)
+    count = len(devices) if isinstance(devices, list) else devices
+    nodes = trainer.get("num_nodes", 1) or 1
+    return count * nodes if isinstance(count, int) else f"{count}x{nodes}"
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's result (the rule above)."""
+    kept = {k: copy.deepcopy(v) for k, v in config.items() if k not in TOP_LEVEL_HOW}
+    # Token-map settings only matter to task=visualize, and their folder never does.
+    if kept.get("task") == "visualize" and isinstance(kept.get("visualize"), dict):
+        kept["visualize"] = {k: v for k, v in kept["visualize"].items() if k != "out_dir"}
+    else:
+        kept.pop("visualize", None)
+    if isinstance(kept.get("data"), dict):
+        kept["data"] = {k: v for k, v in kept["data"].items() if k not in DATA_HOW}
+    if isinstance(kept.get("trainer"), dict):
+        trainer = kept["trainer"]
+        kept["trainer"] = {k: trainer[k] for k in TRAINER_OUTCOME if k in trainer}
+        if kept.get("task") in TRAINING_TASKS:
+            kept["trainer"]["world_size"] = _world_size(trainer)
+    for dotted, default in NEUTRAL_DEFAULTS.items():
+        _drop(kept, dotted, default)
+    return kept
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable hash of :func:`comparable_config` (16 hex digits)."""
+    blob = json.dumps([CONFIG_KEY_VERSION, comparable_config(config)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

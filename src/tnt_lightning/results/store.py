@@ -1,0 +1,425 @@
+"""The results store: every run's record, findable in constant time, never run or recorded twice.
+
+Layout of ``<results_dir>/``:
+
+* ``results.jsonl``: one JSON line per finished attempt, appended (``O_APPEND``, one write per
+  line, under the store lock). It is the view people, reports and W&B read; a record's current
+  version is the newest ``ok`` one of its experiment, else its newest attempt.
+* ``index/<kk>/<task>-<config_key>.json``: the current record of each experiment, replaced
+  atomically. "Is this config recorded?" reads one small file, however long the history.
+* ``claims/<task>-<config_key>.json``: the job running that experiment now (pid, host, SLURM job),
+  created exclusively before the job does any work, kept fresh by a heartbeat, removed when the
+  job ends. A claim whose job is dead (same host, pid gone; or no heartbeat for
+  :data:`CLAIM_STALE_S`) is taken over; a claim of the same SLURM job is a requeue of it.
+* ``.store.lock``: held for the milliseconds a claim or an append takes.
+
+Records are written group-readable (the umask decides, as for any file). A damaged or foreign line
+of ``results.jsonl`` is reported with its line number and skipped; ``python -m
+tnt_lightning.results doctor --repair`` moves such lines aside and rebuilds the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from ..config import UserError
+from .keys import CONFIG_KEY_VERSION, config_key
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+INDEX_DIR = "index"
+CLAIMS_DIR = "claims"
+INDEX_VERSION_FILE = "VERSION"
+LOCK_FILE = ".store.lock"
+LOCK_TIMEOUT_S = 120.0
+CLAIM_STALE_S = 300.0
+HEARTBEAT_S = 30.0
+RECORD_FIELDS = ("run_id", "task", "status")
+
+
+class StoreError(UserError, RuntimeError):
+    """The results store cannot be used (not writable, lock held too long)."""
+
+
+def results_path(results_dir: str | Path) -> Path:
+    return Path(results_dir).expanduser() / RESULTS_FILE
+
+
+def record_identity(record: dict[str, Any]) -> tuple[str, str]:
+    """(task, config_key) of a record under the current key rule; records of older key versions
+    are re-keyed from the config they carry, so they keep matching."""
+    key = record.get("config_key")
+    if record.get("config_key_version") != CONFIG_KEY_VERSION and isinstance(record.get("config"), dict):
+        key = config_key(record["config"])
+    return str(record.get("task")), str(key or f"run:{record.get('run_id')}")
+
+
+def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """An ok record replaces anything; any other attempt only replaces another non-ok one."""
+    return old is None or new.get("status") == "ok" or old.get("status") != "ok"
+
+
+@dataclasses.dataclass(frozen=True)
+class DamagedLine:
+    number: int
+    reason: str
+
+
+@dataclasses.dataclass
+class Claim:
+    """This job's hold on an experiment; :meth:`release` when the job ends (a heartbeat keeps it)."""
+
+    path: Path
+    holder: dict[str, Any]
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name=f"claim-heartbeat-{self.path.stem}", daemon=True).start()
+
+    def release(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            if json.loads(self.path.read_text()).get("attempt_id") == self.holder["attempt_id"]:
+                self.path.unlink()
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """What :meth:`ResultsStore.begin` decided: run (with a claim), or why not."""
+
+    claim: Claim | None = None
+    recorded: dict[str, Any] | None = None  # already recorded ok
+    running_elsewhere: dict[str, Any] | None = None  # the live claim of another job
+
+
+def slurm_job() -> dict[str, Any] | None:
+    """The SLURM job this process runs in (job id, array index, restart count, submitit folder)."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    fields = {
+        "job_id": env.get("SLURM_JOB_ID"),
+        "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+        "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "node": env.get("SLURMD_NODENAME"),
+        "submitit_folder": env.get("SUBMITIT_FOLDER"),
+    }
+    with contextlib.suppress(Exception):
+        import submitit
+
+        job = submitit.JobEnvironment()
+        fields["submitit_job_id"] = job.job_id
+        fields["submitit_folder"] = fields["submitit_folder"] or str(job.paths.folder)
+    return fields
+
+
+def _same_slurm_job(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    if not a or not b:
+        return False
+    ids = ("array_job_id", "array_task_id") if a.get("array_job_id") else ("job_id",)
+    return all(a.get(k) == b.get(k) for k in ids)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (mode from the umask)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ResultsStore:
+    """One results folder (``paths.results_dir``); cheap to create, safe to share between jobs."""
+
+    def __init__(self, results_dir: str | Path) -> None:
+        self.root = Path(results_dir).expanduser()
+        self.path = self.root / RESULTS_FILE
+        self.index_dir = self.root / INDEX_DIR
+        self.claims_dir = self.root / CLAIMS_DIR
+
+    # ------------------------------------------------------------------ checks and locking
+
+    def check_writable(self) -> None:
+        """Fail now, naming the folder, if records could not be written at the end of a run."""
+        try:
+            for folder in (self.root, self.index_dir, self.claims_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            if self.path.exists() and not os.access(self.path, os.W_OK):
+                raise PermissionError(f"{self.path} is read-only")
+        except OSError as e:
+            raise StoreError(
+                f"paths.results_dir={str(self.root)!r} cannot hold results ({e.strerror or e}); "
+                f"give a writable folder (paths.results_dir=... or TNT_ROOT=...)"
+            ) from e
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / LOCK_FILE), mode=0o666)
+        try:
+            with lock.acquire(timeout=LOCK_TIMEOUT_S):
+                yield
+        except Timeout as e:
+            raise StoreError(
+                f"{lock.lock_file} was held for more than {LOCK_TIMEOUT_S:.0f} s; is a job hung on it?"
+            ) from e
+
+    # ------------------------------------------------------------------ the index
+
+    def _index_file(self, task: str, key: str) -> Path:
+        return self.index_dir / key[:2] / f"{task}-{key}.json"
+
+    def _ensure_index(self) -> None:
+        """Build the index from results.jsonl once (stores written before the index existed)."""
+        marker = self.index_dir / INDEX_VERSION_FILE
+        if marker.exists():
+            return
+        if not self.path.exists():
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, f"{CONFIG_KEY_VERSION}\n")
+            return
+        with self.locked():
+            if not marker.exists():
+                self.rebuild_index()
+
+    def rebuild_index(self) -> int:
+        """Rebuild ``index/`` from results.jsonl (call under the lock); returns the records indexed."""
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in self._scan()[0]:
+            identity = record_identity(record)
+            if supersedes(record, current.get(identity)):
+                current[identity] = record
+        for (task, key), record in current.items():
+            self._write_index(task, key, record)
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.index_dir / INDEX_VERSION_FILE, f"{CONFIG_KEY_VERSION}\n")
+        return len(current)
+
+    def _write_index(self, task: str, key: str, record: dict[str, Any]) -> None:
+        path = self._index_file(task, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(record, default=str))
+
+    def current(self, task: str, key: str) -> dict[str, Any] | None:
+        """The current record of one experiment (any status), or None; constant time."""
+        self._ensure_index()
+        return self._read_index(task, key)
+
+    def _read_index(self, task: str, key: str) -> dict[str, Any] | None:
+        path = self._index_file(task, key)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("index entry %s is unreadable (%s); treating the run as not recorded", path, e)
+            return None
+
+    def recorded(self, task: str, key: str) -> dict[str, Any] | None:
+        """The ok record of one experiment, or None."""
+        record = self.current(task, key)
+        return record if record is not None and record.get("status") == "ok" else None
+
+    # ------------------------------------------------------------------ claims
+
+    def _claim_file(self, task: str, key: str) -> Path:
+        return self.claims_dir / f"{task}-{key}.json"
+
+    def _holder_is_stale(self, path: Path, holder: dict[str, Any]) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+            return True
+        return age > CLAIM_STALE_S
+
+    def begin(self, task: str, key: str, attempt_id: str, skip_recorded: bool) -> Admission:
+        """Claim the experiment ``(task, key)`` for this job, unless it is recorded (and
+        ``skip_recorded``) or another live job holds it. Checked again under the lock, so two jobs
+        that start together never both run it."""
+        self._ensure_index()
+        if skip_recorded and (done := self.recorded(task, key)) is not None:
+            return Admission(recorded=done)
+        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        path = self._claim_file(task, key)
+        me = {
+            "attempt_id": attempt_id,
+            "task": task,
+            "config_key": key,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+            "results_offset": self.path.stat().st_size if self.path.exists() else 0,
+            "slurm": slurm_job(),
+        }
+        with self.locked():
+            if path.exists():
+                try:
+                    holder = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                requeue = _same_slurm_job(holder.get("slurm"), me["slurm"])
+                if holder and not requeue and not self._holder_is_stale(path, holder):
+                    return Admission(running_elsewhere=holder)
+                log.warning("taking over the stale claim of %s (%s)", key, holder or "unreadable")
+                self._recover(task, key, holder)
+                path.unlink(missing_ok=True)
+            done = self._read_index(task, key)
+            if skip_recorded and done is not None and done.get("status") == "ok":
+                return Admission(recorded=done)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        claim = Claim(path, me)
+        claim.start_heartbeat()
+        return Admission(claim=claim)
+
+    def _recover(self, task: str, key: str, holder: dict[str, Any]) -> None:
+        """After a job died: index a record it appended but did not index (it was killed between
+        the two writes), and remove its temporary files. Reads only what it appended."""
+        for tmp in (self.index_dir / key[:2]).glob(f".{task}-{key}.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        attempt_id = holder.get("attempt_id")
+        if not attempt_id or not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(int(holder.get("results_offset", 0)))
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("attempt_id") == attempt_id:
+                        identity = record_identity(record)
+                        if supersedes(record, self._read_index(*identity)):
+                            self._write_index(*identity, record)
+
+    def _claims(self) -> list[tuple[Path, dict[str, Any], bool]]:
+        """Every claim file with its holder and whether it is stale."""
+        found = []
+        for path in sorted(self.claims_dir.glob("*.json")) if self.claims_dir.exists() else []:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            found.append((path, holder, not holder or self._holder_is_stale(path, holder)))
+        return found
+
+    def live_claims(self) -> list[dict[str, Any]]:
+        """The claims of jobs running now."""
+        return [holder for _, holder, stale in self._claims() if not stale]
+
+    def stale_claims(self) -> list[Path]:
+        """Claim files left by jobs that died."""
+        return [path for path, _, stale in self._claims() if stale]
+
+    # ------------------------------------------------------------------ appending and reading
+
+    def append(self, record: dict[str, Any]) -> Path:
+        """Record one finished attempt: appended to the view, then made current if it supersedes."""
+        line = (json.dumps(record, default=str) + "\n").encode()
+        self._ensure_index()
+        with self.locked():
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line stays its own line
+                    line = b"\n" + line
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            identity = record_identity(record)
+            if supersedes(record, self._read_index(*identity)):
+                self._write_index(*identity, record)
+        return self.path
+
+    def _scan(self) -> tuple[list[dict[str, Any]], list[DamagedLine]]:
+        records, damaged = [], []
+        if not self.path.exists():
+            return records, damaged
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError as e:
+                    damaged.append(DamagedLine(number, f"not valid JSON ({e})"))
+                    continue
+                if not isinstance(record, dict) or any(k not in record for k in RECORD_FIELDS):
+                    damaged.append(DamagedLine(number, f"not a run record (needs {list(RECORD_FIELDS)})"))
+                    continue
+                records.append(record)
+        return records, damaged
+
+    def records(self, history: bool = False) -> list[dict[str, Any]]:
+        """The current record of every experiment, in the order they were first recorded (every
+        attempt with ``history``). Damaged lines are reported with their numbers and skipped."""
+        records, damaged = self._scan()
+        for line in damaged:
+            log.warning(
+                "%s:%d skipped: %s (doctor: python -m tnt_lightning.results doctor)",
+                self.path,
+                line.number,
+                line.reason,
+            )
+        if history:
+            return records
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in records:
+            identity = record_identity(record)
+            if supersedes(record, current.get(identity)):
+                current[identity] = record
+        return list(current.values())
+
+    def damaged_lines(self) -> list[DamagedLine]:
+        return self._scan()[1]
+
+
+def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Append one record to the store at ``results_dir``."""
+    return ResultsStore(results_dir).append(record)
+
+
+def read_records(results_dir: str | Path, history: bool = False) -> list[dict[str, Any]]:
+    """The current records of the store at ``results_dir`` (every attempt with ``history``)."""
+    return ResultsStore(results_dir).records(history)
