@@ -181,6 +181,14 @@ def test_the_same_jobs_run_locally_through_submitit(tmp_path):
     assert sorted(r["method"] for r in records) == ["random", "topk"]
     assert all(r["status"] == "ok" and r["metrics"]["gflops"] > 0 for r in records)
     assert list(Path(tmp_path / "outputs" / "multiruns").rglob("*_submitted.pkl"))  # went through submitit
+    # The same experiment launched another way (Hydra's basic launcher, trainer=cpu) has the same
+    # config_key, so it is recognised as done.
+    again = run_py(
+        ["method=random", "data=synthetic", "measure.throughput=false", "logger=csv", "trainer=cpu"],
+        tmp_path,
+        timeout=300,
+    )
+    assert again.returncode == 0 and "already recorded" in again.stdout, again.stdout[-2000:]
 
 
 def test_wandb_runs_are_named_grouped_and_tagged_for_the_dashboard(tmp_path):
