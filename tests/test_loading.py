@@ -73,16 +73,21 @@ def _official_tnt_state(model, dim: int) -> dict[str, torch.Tensor]:
 # -- no code from a file runs ------------------------------------------------------------------
 
 
-def test_a_pickle_payload_in_model_checkpoint_never_runs_and_names_the_opt_in(tmp_path):
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy_format"])
+def test_a_pickle_payload_in_model_checkpoint_never_runs_and_names_the_opt_in(zipped, tmp_path):
     marker, path = tmp_path / "marker", tmp_path / "shared.pth"
-    torch.save({"model": create_model(_spec()).state_dict(), "hook": RunsCode(marker)}, path)
+    payload = {"model": create_model(_spec()).state_dict(), "hook": RunsCode(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zipped)
     spec = _spec(checkpoint=str(path))
     with pytest.raises(CheckpointError) as err:
         load_weights(create_model(spec), spec, tmp_path, True, _no_pretrain)
     assert not marker.exists()
     message = str(err.value)
-    assert f"model.checkpoint={path}" in message and "builtins.exec" in message
+    assert f"model.checkpoint={path} pickles Python objects" in message and "exec" in message
     assert "model.trust_pickle=true" in message and ".safetensors" in message
+    trusted = _spec(checkpoint=str(path), trust_pickle=True)
+    load_weights(create_model(trusted), trusted, tmp_path, True, _no_pretrain)
+    assert marker.exists()  # the opt-in works for either format
 
 
 def test_a_pickle_payload_in_method_checkpoint_never_runs_and_names_the_opt_in(tmp_path):

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def load_weight_file(
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path, err)
         if not unsafe:
             raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from err
         if not trust_pickle or trust_key is None:
@@ -194,13 +195,17 @@ def reuse_cached(path: Path, what: str, expect_keys: Sequence[str], remove_damag
     return False
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python objects the file's pickle would build, read from its opcodes (nothing is run)."""
+def _unsafe_globals(path: Path, err: pickle.UnpicklingError) -> list[str]:
+    """The Python objects the file's pickle would build, read from its opcodes (nothing is run).
+
+    torch reads them from a zip checkpoint; for the legacy (pre-1.6, not zipped) format only
+    torch's error names one, the first it met.
+    """
     allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint, or damaged: not a trust question
-        return []
+    except Exception:  # not a zip checkpoint, or a damaged one
+        names = re.findall(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)", str(err))
     return [n for n in names if n not in allowed]
 
 
@@ -220,7 +225,8 @@ def _refusal(source: str, unsafe: list[str], trust_key: str | None) -> str:
 
 def _unreadable(head: bytes, err: BaseException) -> str:
     """What a file torch could not load looks like, from its first bytes and torch's error."""
-    detail = f"{type(err).__name__}: {err}".strip().splitlines()[-1][:300]
+    lines = [line.strip() for line in f"{type(err).__name__}: {err}".splitlines() if line.strip()]
+    detail = next((line for line in lines if "error" in line.lower()), lines[0])[:300]
     if not head:
         return "is empty"
     if head.startswith(_ZIP_MAGIC):
