@@ -118,6 +118,9 @@ def load_weight_file(
 ) -> Any:
     """The object in a weight file, loaded weights-only, or one :class:`CheckpointError` saying why not.
 
+    The error replaces torch's rather than chaining it: the part of torch's message that describes
+    the file is quoted, and the rest advises ``weights_only=False``, which is what not to do.
+
     ``source`` names the file in messages (``model.checkpoint=PATH``). ``trust_key`` is the config
     key that lets the user allow full unpickling of this file (None: no opt-in, as for cache
     files); ``trust_pickle`` is its value.
@@ -132,7 +135,7 @@ def load_weight_file(
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as err:
-        raise CheckpointError(f"{source} cannot be read: {err}") from err
+        raise CheckpointError(f"{source} cannot be read: {err}") from None
     if damage:
         raise CheckpointError(
             f"{source} is damaged (or was changed after its checksum was written): {damage}"
@@ -144,23 +147,23 @@ def load_weight_file(
             return load_file(str(path))
         except Exception as err:
             message = f"{source} is not a readable .safetensors file ({err}); {EXPECTED}"
-            raise CheckpointError(message) from err
+            raise CheckpointError(message) from None
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path, err)
         if not unsafe:
-            raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from err
+            raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from None
         if not trust_pickle or trust_key is None:
             raise CheckpointError(_refusal(source, unsafe, trust_key)) from None
     except Exception as err:  # torch raises KeyError, EOFError, RuntimeError... for damaged files
-        raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from err
+        raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from None
     log.warning("%s pickles Python objects (%s); fully unpickled because %s=true", source, unsafe, trust_key)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from err
+        raise CheckpointError(f"{source} {_unreadable(head, err)}; {EXPECTED}") from None
 
 
 def reuse_cached(path: Path, what: str, expect_keys: Sequence[str], remove_damaged: bool = True) -> bool:
