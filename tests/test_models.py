@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from tnt_lightning.models import (
     BackboneSpec,
+    CheckpointError,
     WeightsUnavailableError,
     create_model,
     load_weights,
@@ -83,7 +84,7 @@ def test_checkpoint_of_another_architecture_is_explained(tmp_path):
 
 def test_missing_checkpoint_file_is_named(tmp_path):
     spec = _spec(checkpoint=str(tmp_path / "absent.pth"))
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(CheckpointError, match="model.checkpoint=.*absent.pth: no such file"):
         load_weights(create_model(spec), spec, tmp_path, True, _no_pretrain)
 
 

@@ -49,7 +49,8 @@ class BackboneSpec:
     timm's ``VisionTransformer``; add ``distilled: true`` for a DIST token) describes it.
     ``weights``: ``hub`` (timm's pretrained weights), ``pretrain`` (trained by this framework as
     ``pretrain`` says, then cached), ``checkpoint`` (no public weights: ``checkpoint`` must be given)
-    or ``random``. A ``checkpoint`` file always overrides ``weights``.
+    or ``random``. A ``checkpoint`` file always overrides ``weights``; it is loaded weights-only
+    unless ``trust_pickle`` (for a trusted file that pickles other Python objects).
     """
 
     name: str
@@ -57,6 +58,7 @@ class BackboneSpec:
     arch: dict[str, Any] = field(default_factory=dict)
     weights: str = "hub"
     checkpoint: str | None = None
+    trust_pickle: bool = False
     release_url: str | None = None
     num_classes: int = 1000
     input_size: tuple[int, int, int] = (3, 224, 224)

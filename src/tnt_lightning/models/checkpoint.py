@@ -7,40 +7,48 @@ backbone part is loaded into the timm model unchanged; the rest is returned for 
 
 from __future__ import annotations
 
-import logging
-import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .artefact_io import EXPECTED, CheckpointError, load_weight_file
 
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from the usual containers."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def read_state_dict(
+    path: str | Path,
+    key: str = "model.checkpoint",
+    trust_key: str = "model.trust_pickle",
+    trust_pickle: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The tensors of the weight file that config key ``key`` names, unwrapped from the usual containers.
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints of the official repos also pickle their argparse Namespace.
-        log.warning("%s holds non-tensor objects; loading it with full unpickling (trust the file)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    Loaded weights-only; ``trust_pickle`` is the value of ``trust_key``, the opt-in for a trusted
+    file that pickles other objects.
+    """
+    source = f"{key}={path}"
+    return state_dict_of(load_weight_file(path, source, trust_key, trust_pickle), source)
+
+
+def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded weight file, unwrapped, without a DDP ``module.`` prefix."""
     for key in _WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} is not a state dict (nor one wrapped under {list(_WRAPPER_KEYS)})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    if not isinstance(obj, dict) or not obj:
+        found = "an empty dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{source} holds {found}, not a state dict; {EXPECTED}")
+    others = sorted({type(v).__name__ for v in obj.values() if not isinstance(v, torch.Tensor)})
+    if others:
+        keys = [str(k) for k in list(obj)[:5]]
+        raise CheckpointError(
+            f"{source} holds a dict (keys {keys}...) whose values are {others}, not only tensors; {EXPECTED}"
+        )
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 
 def load_backbone_state(
@@ -52,14 +60,14 @@ def load_backbone_state(
     extra = {k: v for k, v in state.items() if k not in own}
     missing = sorted(set(own) - set(backbone))
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} does not fit this backbone: {len(missing)} of its tensors are missing "
             f"(first: {missing[:5]}). Is it a checkpoint of another architecture?"
         )
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in backbone.items() if v.shape != own[k].shape]
     if wrong:
         key, got, want = wrong[0]
-        raise ValueError(
+        raise CheckpointError(
             f"{source} does not fit this backbone: {key} has shape {got}, the model expects {want}"
             + (" (check model.num_classes)" if key.startswith("head") else "")
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
+from .artefact_io import checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
-from .checkpoint import load_backbone_state, read_state_dict
+from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,19 @@ def pretrained_path(spec: BackboneSpec, cache_dir: str | Path) -> Path:
 def ensure_pretrained(
     spec: BackboneSpec, cache_dir: str | Path, pretrain: PretrainFn, force: bool = False
 ) -> Path:
-    """The cached weights for ``spec``, training them first if they are missing (or ``force``).
+    """The cached weights for ``spec``, training them first if they are missing or damaged (or ``force``).
 
     A file lock makes concurrent jobs wait for the one that trains; the file is written to a
-    temporary name and renamed, so nobody reads a half-written checkpoint.
+    temporary name and renamed, then its checksum beside it (:func:`save_artefact`), so nobody reads
+    a half-written checkpoint, and a damaged one is found, reported and trained again.
     """
     path = pretrained_path(spec, cache_dir)
-    if path.exists() and not force:
+    if not force and checksum_matches(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        if path.exists() and not force:
-            log.info("another job trained %s meanwhile: using %s", spec.name, path)
+        if not force and reuse_cached(path, "cached backbone", expect_keys=("model",)):
+            log.info("using cached backbone %s (checked while holding its lock)", path)
             return path
         log.warning(
             "training backbone %s once (weights: model.weights=pretrain); it will be cached at %s",
@@ -64,11 +65,23 @@ def ensure_pretrained(
         )
         model = create_model(spec)
         metrics = pretrain(model, spec)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"model": model.state_dict(), "spec_key": pretrain_key(spec), "metrics": metrics}, tmp)
-        os.replace(tmp, path)
+        save_artefact({"model": model.state_dict(), "spec_key": pretrain_key(spec), "metrics": metrics}, path)
         log.info("cached %s (%s)", path, metrics)
     return path
+
+
+def check_checkpoint(model: VisionTransformer, spec: BackboneSpec) -> None:
+    """Open ``model.checkpoint`` and check that it fits ``model``, before anything expensive runs.
+
+    ``model`` is a scratch copy: it gets the weights, which the caller may discard.
+    """
+    if spec.checkpoint:
+        _load_checkpoint(model, spec)
+
+
+def _load_checkpoint(model: VisionTransformer, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    state = read_state_dict(spec.checkpoint, trust_pickle=spec.trust_pickle)
+    return load_backbone_state(model, state, f"model.checkpoint={spec.checkpoint}")
 
 
 def load_weights(
@@ -81,10 +94,7 @@ def load_weights(
     """Load ``spec``'s weights into ``model``. Returns where they came from, and any tensors of the
     checkpoint that are not the backbone's (an official method checkpoint's ``alpha_heads``, say)."""
     if spec.checkpoint:
-        extra = load_backbone_state(
-            model, read_state_dict(spec.checkpoint), f"model.checkpoint={spec.checkpoint}"
-        )
-        return f"checkpoint:{spec.checkpoint}", extra
+        return f"checkpoint:{spec.checkpoint}", _load_checkpoint(model, spec)
     if not need_weights:
         return "random (cost-only run: the data has no labels)", {}
     if spec.weights == "hub":
@@ -92,7 +102,8 @@ def load_weights(
         return f"hub:{spec.timm_name}", {}
     if spec.weights == "pretrain":
         path = ensure_pretrained(spec, cache_dir, pretrain)
-        load_backbone_state(model, read_state_dict(path), str(path))
+        source = f"cached backbone {path}"
+        load_backbone_state(model, state_dict_of(load_weight_file(path, source), source), source)
         return f"pretrain:{path}", {}
     if spec.weights == "checkpoint":
         raise WeightsUnavailableError(

@@ -20,7 +20,7 @@ from ..models import BackboneSpec, count_parameters, create_model, drop_distilla
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, make_trainer, pretrain_fn, resolve_device
 from .records import RunRecorder
-from .train import check_can_provide, provide_trained
+from .train import check_can_provide, load_given_trained, provide_trained
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def build_pruned_model(
 ) -> VisionTransformer:
     """The backbone with its weights and the configured method (trained parameters included).
 
-    A method that cannot run on this backbone, or would need training that is switched off, fails
-    before any weights load. Without labels (cost-only runs) learned methods stay untrained.
+    A method that cannot run on this backbone, would need training that is switched off, or whose
+    ``method.checkpoint`` is unusable fails before any weights load (or a backbone is pretrained).
+    Without labels (cost-only runs) learned methods stay untrained.
     """
     model = create_model(spec)
     reducer, schedule = build_reducer(
@@ -60,12 +61,14 @@ def build_pruned_model(
     learned = isinstance(reducer, LearnedReducer) and has_labels
     if reducer is not None:
         reducer.bind(backbone_info(model))
+    given = None
     if learned:
+        given = load_given_trained(cfg, spec, reducer)
         check_can_provide(cfg, spec, reducer)
     weights, extra = load_weights(model, spec, cfg.paths.cache_dir, has_labels, pretrain_fn(cfg))
     recorder.details["weights"] = weights
     if learned:
-        recorder.details["method_weights"] = provide_trained(cfg, spec, reducer, extra, loggers)
+        recorder.details["method_weights"] = given or provide_trained(cfg, spec, reducer, extra, loggers)
     elif isinstance(reducer, LearnedReducer):
         recorder.details["method_weights"] = "untrained (cost-only run)"
     if reducer is not None:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,25 @@ from ..config import ConfigError, UserError
 from ..engine import apply_reducer, backbone_info
 from ..lit import OptimConfig, TokenReductionModule
 from ..methods import LearnedReducer, build_reducer
-from ..models import BackboneSpec, create_model, load_weights, pretrained_path, read_state_dict
+from ..models import (
+    BackboneSpec,
+    check_checkpoint,
+    create_model,
+    load_weight_file,
+    load_weights,
+    pretrained_path,
+    reuse_cached,
+    save_artefact,
+    state_dict_of,
+)
+from ..models.artefact_io import checksum_matches, checksum_problem
 from .common import make_trainer, pretrain_fn
 
 log = logging.getLogger(__name__)
 
 TRAINED_FILE = "trained.pth"
+# What a trained.pth holds, checked when one without a checksum (an older version's) is reused.
+TRAINED_KEYS = ("method", "model", "identity", "state_dict")
 # Recipe keys that do not change the trained parameters.
 RECIPE_VOLATILE = ("auto", "val_keep_rate")
 DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
@@ -171,23 +183,28 @@ def ensure_trained(
     spec: BackboneSpec,
     reducer: LearnedReducer,
     loggers: list[Logger] | bool = False,
+    may_train: bool = True,
 ) -> tuple[Path, bool]:
-    """The trained artefact for ``reducer``'s configuration, training it first if it is missing.
+    """The trained artefact for ``reducer``'s configuration, training it first if it is missing or
+    damaged (a checksum mismatch, or an old file without one that does not load).
 
-    Returns its path and whether this call trained it.
+    Returns its path and whether this call trained it. With ``may_train`` false, a missing or
+    damaged artefact raises :class:`TrainedParametersError` instead (and is left in place).
     """
     workdir = training_dir(cfg, spec, reducer)
     final = workdir / TRAINED_FILE
-    if final.exists():
+    if checksum_matches(final):
         return final, False
     workdir.mkdir(parents=True, exist_ok=True)
     # One job trains while concurrent jobs wait. The processes of one DDP job must all train
     # together, so they take no lock (and only rank 0 writes the file).
     distributed = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
     with contextlib.nullcontext() if distributed else FileLock(str(workdir) + ".lock"):
-        if final.exists():
-            log.info("another job trained %s meanwhile: using %s", reducer.name, final)
+        if reuse_cached(final, "cached trained parameters", TRAINED_KEYS, remove_damaged=may_train):
+            log.info("using trained %s %s (checked while holding its lock)", reducer.name, final)
             return final, False
+        if not may_train:
+            raise_untrained(cfg, reducer, final)
         log.warning(
             "training %s once on %s (%s); it will be cached at %s",
             reducer.name,
@@ -200,8 +217,7 @@ def ensure_trained(
         if rank_zero_only.rank != 0:
             wait_for(final)
             return final, True
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        torch.save(
+        save_artefact(
             {
                 "method": reducer.name,
                 "model": spec.name,
@@ -209,9 +225,8 @@ def ensure_trained(
                 "state_dict": state,
                 "metrics": metrics,
             },
-            tmp,
+            final,
         )
-        os.replace(tmp, final)
         (workdir / "last.ckpt").unlink(missing_ok=True)
         log.info("trained %s: %s", reducer.name, metrics)
     return final, True
@@ -229,38 +244,51 @@ def wait_for(path: Path, timeout_s: float = 600.0) -> None:
 
 
 def load_trained(
-    reducer: LearnedReducer, path: str | Path, spec: BackboneSpec | None = None
+    reducer: LearnedReducer,
+    path: str | Path,
+    spec: BackboneSpec | None = None,
+    source: str | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Load trained parameters: ours (``trained.pth``) or an official checkpoint (TNT, DynamicViT).
 
     Ours are checked against the method and backbone they were trained for; official ones by key
-    names and shapes. Returns what the file says about itself.
+    names and shapes. ``source`` names a cache file; without it the file is the user's
+    ``method.checkpoint``, which ``trust_pickle`` (``method.trust_pickle``) may let unpickle
+    objects. Returns what the file says about itself.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise TrainedParametersError(f"method.checkpoint={str(path)!r} does not exist")
-    obj = None
-    if path.suffix != ".safetensors":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # official training checkpoints also pickle their args
-            obj = None
+    trust_key = "method.trust_pickle" if source is None else None
+    source = source or f"method.checkpoint={path}"
+    obj = load_weight_file(path, source, trust_key, trust_pickle)
     if isinstance(obj, dict) and "identity" in obj:
-        if obj["method"] != reducer.name:
+        if obj.get("method") != reducer.name:
             raise TrainedParametersError(
-                f"{path} holds parameters of method={obj['method']}, not {reducer.name}"
+                f"{source} holds parameters of method={obj.get('method')}, not {reducer.name}"
             )
-        if spec is not None and obj["model"] != spec.name:
-            raise TrainedParametersError(f"{path} was trained on model={obj['model']}, not {spec.name}")
-        if obj["identity"]["method"] != reducer.training_key():
+        if spec is not None and obj.get("model") != spec.name:
+            raise TrainedParametersError(f"{source} was trained on model={obj.get('model')}, not {spec.name}")
+        trained_for = obj["identity"].get("method") if isinstance(obj["identity"], dict) else None
+        if trained_for != reducer.training_key():
             raise TrainedParametersError(
-                f"{path} was trained with {obj['identity']['method']}, but this run needs "
-                f"{reducer.training_key()}"
+                f"{source} was trained with {trained_for}, but this run needs {reducer.training_key()}"
             )
-        load_state(reducer, obj["state_dict"], str(path))
+        load_state(reducer, state_dict_of(obj.get("state_dict"), source), source)
         return {"source": str(path), "metrics": obj.get("metrics", {})}
-    load_state(reducer, read_state_dict(path), f"{path} (official checkpoint)")
+    load_state(reducer, state_dict_of(obj, source), f"{source} (official checkpoint)")
     return {"source": f"official:{path}"}
+
+
+def load_given_trained(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> dict[str, Any] | None:
+    """Load ``method.checkpoint`` into ``reducer`` if one is given (None if not).
+
+    It needs no backbone weights, so tasks call it first: an unusable file fails before any
+    pretraining or weight loading.
+    """
+    path = cfg.method.get("checkpoint")
+    if not path:
+        return None
+    return load_trained(reducer, path, spec, trust_pickle=bool(cfg.method.get("trust_pickle", False)))
 
 
 def load_state(reducer: LearnedReducer, state: dict[str, torch.Tensor], source: str) -> None:
@@ -291,34 +319,34 @@ def provide_trained(
 ) -> dict[str, Any]:
     """Give ``reducer`` its trained parameters, from (in order) ``method.checkpoint``, the method tensors
     of ``model.checkpoint``, the cache, or a training run if ``method.train.auto``."""
-    if cfg.method.get("checkpoint"):
-        return load_trained(reducer, cfg.method.checkpoint, spec)
+    given = load_given_trained(cfg, spec, reducer)
+    if given is not None:
+        return given
     if any(k in reducer.state_dict() for k in extra):
         load_state(reducer, extra, f"model.checkpoint={spec.checkpoint}")
         return {"source": f"model.checkpoint:{spec.checkpoint}"}
-    path = training_dir(cfg, spec, reducer) / TRAINED_FILE
-    if not path.exists() and not recipe(cfg).auto:
-        raise_untrained(cfg, reducer, path)
-    path, trained = ensure_trained(cfg, spec, reducer, loggers)
-    info = load_trained(reducer, path, spec)
+    path, trained = ensure_trained(cfg, spec, reducer, loggers, may_train=bool(recipe(cfg).auto))
+    info = load_trained(reducer, path, spec, source=f"cached trained parameters {path}")
     info["trained_now"] = trained
     return info
 
 
 def raise_untrained(cfg: DictConfig, reducer: LearnedReducer, path: Path) -> None:
+    looked = f"{path}, which is damaged" if path.exists() else str(path)
     raise TrainedParametersError(
-        f"method={reducer.name} has no trained parameters for this configuration (looked for {path}) and "
+        f"method={reducer.name} has no trained parameters for this configuration (looked for {looked}) and "
         f"method.train.auto=false: run task=train with the same settings first, set method.train.auto=true, "
         f"or give trained parameters as method.checkpoint=PATH"
     )
 
 
 def check_can_provide(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> None:
-    """Fail before any weights load if evaluation would need training that is switched off."""
-    if cfg.method.get("checkpoint") or spec.checkpoint:
+    """Fail before any weights load if evaluation would need training that is switched off (the
+    cached artefact is missing, or does not match its checksum)."""
+    if cfg.method.get("checkpoint") or spec.checkpoint or recipe(cfg).auto:
         return
     path = training_dir(cfg, spec, reducer) / TRAINED_FILE
-    if not path.exists() and not recipe(cfg).auto:
+    if not path.is_file() or checksum_problem(path) is not None:
         raise_untrained(cfg, reducer, path)
 
 
@@ -341,8 +369,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"method={cfg.method.name} has nothing to train; task=train is for tnt, dynamicvit, dtps"
             )
         reducer.bind(backbone_info(model))
+        check_checkpoint(model, spec)  # the given weight files, before any training
+        load_given_trained(cfg, spec, reducer)
         path, trained_now = ensure_trained(cfg, spec, reducer, loggers)
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_weight_file(path, f"cached trained parameters {path}")
         recorder.details.update(trained=str(path), trained_now=trained_now, training=saved["metrics"])
         recorder.metrics.update(
             acc1=saved["metrics"]["val_acc1"], acc1_full=saved["metrics"]["val_acc1_full"]
