@@ -51,10 +51,14 @@ BAD_INPUTS = [
     (["data=imagefolder", "data.root={tmp}", "data.crop_pct=0"], "data.crop_pct=0"),
     (["task=visualize", "method=topk", "visualize.num_images=0"], "visualize.num_images=0"),
 ]
-# Errors that only the model can tell: found when the method is built, before any weights load or
-# data is read, and recorded as a failed run of that configuration.
+# Errors found when the run opens its files or builds the method, before any weights load, any
+# training or any data is read: recorded as a failed run of that configuration.
 FAILS_AT_BUILD = [
     (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),
+    (["model.checkpoint={tmp}/a_file"], "model.checkpoint="),
+    (["model.checkpoint={tmp}/missing.pth"], "model.checkpoint="),
+    (["method=tnt", "method.checkpoint={tmp}/a_file"], "method.checkpoint="),
+    (["method=tnt", "method.checkpoint={tmp}/missing.pth"], "method.checkpoint="),
 ]
 
 

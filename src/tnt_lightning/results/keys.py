@@ -33,6 +33,8 @@ TRAINING_TASKS = ("train", "train_eval", "pretrain")
 # dotted key -> the default at which it is left out of the key.
 NEUTRAL_DEFAULTS: dict[str, Any] = {
     "data.on_bad_image": "fail",
+    "model.trust_pickle": False,
+    "method.trust_pickle": False,
 }
 
 
