@@ -96,4 +96,6 @@ def build_reducer(
     reducer = get_class(method._target_).from_schedule(schedule.name, blocks, rates, info, **options)
     record = {"name": schedule.name, "blocks": blocks, "rates": rates}
     record.update({k: v for k, v in options.items() if k != "seed"})
+    if hasattr(reducer, "resolved_schedule"):  # a method that runs other blocks than the schedule names
+        record.update(reducer.resolved_schedule())
     return reducer, record
