@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from conftest import compose_config, tiny_vit
-from tnt_lightning.engine import Tokens, backbone_info
+from tnt_lightning.config import ConfigError
+from tnt_lightning.engine import BackboneInfo, Tokens, apply_reducer, backbone_info
+from tnt_lightning.measure import analytic, count_macs
 from tnt_lightning.methods import TNT, build_reducer
-from tnt_lightning.models import BackboneSpec
+from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
+from tnt_lightning.models.backbones import check_engine_support
 
 
 def build(overrides: list[str], model, tmp_path):
@@ -77,3 +83,121 @@ def test_tnt_multi_layer_importance_comes_from_the_cpu_generator_on_cuda():
     """On CUDA the importance is the CPU generator's draw (as the official ``rand(...).to(device)``)."""
     got, expected = tnt_pre_block_order("cuda")
     assert got == expected
+
+
+# -- any timm VisionTransformer --------------------------------------------------------------------
+
+
+def timm_spec(tmp_path, name: str, *overrides: str) -> BackboneSpec:
+    return instantiate(compose_config(["model=timm", f"model.timm_name={name}", *overrides], tmp_path).model)
+
+
+def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
+    """METHODS.md 9.2 for a timm ViT; mean-pooled models with fc_norm normalise one pooled vector."""
+    info = backbone_info(model)
+    if isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm):
+        final_tokens = 1
+    patch = model.patch_embed.patch_size[0]
+    macs = analytic.vit_macs(
+        tokens_per_block,
+        info.embed_dim,
+        info.mlp_hidden,
+        info.num_patches,
+        patch,
+        3,
+        1000,
+        final_tokens=final_tokens,
+    )
+    return macs / 1e9
+
+
+@pytest.mark.parametrize(
+    "name,size,prefix",
+    [
+        ("vit_small_patch16_224", 224, 1),
+        ("vit_base_patch16_224", 224, 1),
+        pytest.param("vit_large_patch16_224", 224, 1, marks=pytest.mark.slow),
+        ("vit_base_patch16_reg4_gap_256", 256, 4),  # 4 register tokens, no CLS, mean pooling
+        ("deit3_small_patch16_224", 224, 1),
+    ],
+)
+def test_timm_backbone_gflops_equal_the_analytic_formula(name, size, prefix, tmp_path):
+    spec = timm_spec(tmp_path, name, f"model.input_size=[3,{size},{size}]")
+    model = create_model(spec).eval()
+    info = backbone_info(model)
+    assert spec.name == name and info.num_prefix == prefix
+    n = info.num_patches + prefix
+    got = count_macs(model, torch.randn(1, 3, size, size)) / 1e9
+    assert got == pytest.approx(analytic_gflops(model, [n] * info.depth), abs=1e-12)
+
+
+def test_register_tokens_are_prefix_tokens_kept_outside_every_count(tmp_path):
+    """vit_base_patch16_reg4_gap_256: 256 patches, 4 registers; random keeps int(256 * 0.5) patches."""
+    spec = timm_spec(tmp_path, "vit_base_patch16_reg4_gap_256", "model.input_size=[3,256,256]")
+    model = create_model(spec).eval()
+    cfg = compose_config(["model=timm", "method=random", "keep_rate=0.5"], tmp_path)
+    reducer, record = build_reducer(cfg.method, cfg.schedule, 0.5, spec.pruning, backbone_info(model))
+    assert record["blocks"] == [2]  # the paper's "after the 3rd of 12 blocks"
+    apply_reducer(model, reducer, trace_sources=True)
+    x = torch.randn(1, 3, 256, 256)
+    got = count_macs(model, x) / 1e9
+    assert model.last_tokens.x.shape[1] == 4 + 128
+    source = model.last_trace[-1][1][0]
+    assert source[:4, :4].equal(torch.eye(4, dtype=torch.bool))  # registers stay first, untouched
+    assert got == pytest.approx(analytic_gflops(model, [260] * 3 + [132] * 9), abs=1e-12)
+
+
+def test_timm_pruning_defaults_scale_with_depth(tmp_path):
+    """ViT-L (24 blocks): "after the 3rd of 12 blocks" is after the 6th; [2,3,4] -> [5,7,9]."""
+    spec = timm_spec(tmp_path, "vit_large_patch16_224")
+    info = BackboneInfo(24, 1024, 16, 4096, 1, 196, True, False, "token")
+    for method, schedule, blocks in (
+        ("topk", "single", [5]),
+        ("topk", "multi", [5, 7, 9]),
+        ("dynamicvit", "multi", [5, 11, 17]),
+        ("evit", "multi", [7, 13, 19]),
+        ("zerotp", "multi", [1, 5, 11, 17, 21]),
+    ):
+        cfg = compose_config([f"method={method}", f"schedule={schedule}", "keep_rate=0.7"], tmp_path)
+        _, record = build_reducer(cfg.method, cfg.schedule, 0.7, spec.pruning, info)
+        assert record["blocks"] == blocks, (method, schedule)
+    resolved = spec.pruning.resolved(24, 576)  # a 384-pixel ViT: 24 x 24 patches
+    assert (resolved.single_block, resolved.similarity_tokens, resolved.pre_similarity_tokens) == (5, 73, 118)
+    # A model config that gives its defaults keeps them (the paper's DeiT: 12 blocks, unscaled).
+    deit = instantiate(compose_config(["model=deit_small_distilled"], tmp_path).model).pruning
+    assert deit.resolved(12, 196) == deit
+
+
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("vit_base_patch16_siglip_224", "attention head (global_pool='map')"),
+        ("vit_relpos_small_patch16_224", "relative position biases"),
+        ("vit_base_patch16_rpn_224", "res-post-norm"),
+        ("vit_small_patch16_18x2_224", "in parallel"),
+        ("vit_no_such_model", "is not a timm model"),
+        ("vit_small_patch16_384", "set model.input_size=[3, 384, 384]"),
+    ],
+)
+def test_models_the_engine_cannot_serve_fail_early_naming_model_and_reason(name, reason, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(reason)) as err:
+        create_model(timm_spec(tmp_path, name))
+    assert name in str(err.value)
+
+
+def test_gated_attention_fails_early(tmp_path):
+    spec = BackboneSpec(name="gated", arch={"depth": 4}, input_size=(3, 32, 32))
+    model = tiny_vit()
+    check_engine_support(model, spec)
+    model.blocks[1].attn.gate = torch.nn.Linear(48, 48)
+    with pytest.raises(ConfigError, match="model 'gated' .* gated"):
+        check_engine_support(model, spec)
+
+
+def test_offline_tagged_hub_name_gives_the_clear_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(backbones, "_hub_cached", lambda *a, **k: False)
+    spec = timm_spec(tmp_path, "vit_small_patch16_224.augreg_in21k_ft_in1k")
+    model = create_model(spec)
+    with pytest.raises(WeightsUnavailableError, match="cannot be reached.*model.checkpoint="):
+        backbones.load_hub_weights(model, spec)

@@ -11,6 +11,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine import BackboneInfo, ReductionError, TokenReducer
+from ..models.backbones import PruningDefaults
 from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
 from .learned import LearnedReducer
@@ -42,8 +43,15 @@ __all__ = [
 ]
 
 
-def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, single_block: int, depth: int):
-    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null)."""
+def resolve_blocks(
+    method: DictConfig, schedule: DictConfig, keep_rate: float, pruning: PruningDefaults, depth: int
+):
+    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null).
+
+    A method's own default blocks are the paper's, for 12 blocks: on a backbone whose
+    ``model.pruning.paper_depth`` is set they keep their relative depth (``scale_block``).
+    """
+    single_block = pruning.single_block
     if schedule.name == "single":
         if schedule.rates is not None:
             raise ReductionError("schedule=single takes keep_rate, not schedule.rates (use schedule=multi)")
@@ -51,7 +59,7 @@ def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, s
         blocks = (
             list(schedule.blocks)
             if schedule.blocks is not None
-            else [single_block if default is None else default]
+            else [single_block if default is None else pruning.scale_block(default, depth)]
         )
         if len(blocks) != 1:
             raise ReductionError(
@@ -62,7 +70,12 @@ def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, s
     if schedule.blocks is not None:
         blocks = list(schedule.blocks)
     elif default is not None:
-        blocks = list(default)
+        blocks = [pruning.scale_block(b, depth) for b in default]
+        if len(set(blocks)) != len(blocks):
+            raise ReductionError(
+                f"method={method.name}'s blocks {list(default)} (for {pruning.paper_depth} blocks) "
+                f"collide on this {depth}-block backbone ({blocks}); give schedule.blocks"
+            )
     else:
         blocks = list(range(depth))
     if schedule.rates is None:
@@ -86,7 +99,8 @@ def build_reducer(
     """
     if method.name == "none":
         return None, {"name": "none"}
-    blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning.single_block, info.depth)
+    pruning = pruning.resolved(info.depth, info.num_patches)
+    blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning, info.depth)
     options = {
         k: v for k, v in OmegaConf.to_container(method, resolve=True).items() if k not in NON_OPTION_KEYS
     }
