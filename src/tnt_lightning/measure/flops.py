@@ -50,7 +50,16 @@ def _mv_flops(mat_shape, vec_shape, *args, **kwargs) -> int:
     return 2 * _numel(mat_shape)
 
 
+def _cdist_flops(x1_shape, x2_shape, *args, **kwargs) -> int:
+    # Pairwise distances of [.., N, C] and [.., M, C]: one multiply-add per coordinate pair (the
+    # clustering methods' distance matrices; torch's counter does not see cdist).
+    *batch, n, c = x1_shape
+    return 2 * _numel(batch) * n * x2_shape[-2] * c
+
+
 _EXTRA_FORMULAS = {
+    aten._cdist_forward: _cdist_flops,
+    aten._euclidean_dist: _cdist_flops,
     aten.native_layer_norm: _layer_norm_flops,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     aten.mv: _mv_flops,

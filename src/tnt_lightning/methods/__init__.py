@@ -12,10 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine import BackboneInfo, ReductionError, TokenReducer
 from ..models.backbones import PruningDefaults
+from .ats import ATS
+from .dpcknn import DPCKNN
 from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
+from .kmedoids import KMedoids
 from .learned import LearnedReducer
 from .random_drop import RandomDrop
+from .spatial import SpatialHeuristic
 from .staged import StagedReducer
 from .tnt import TNT
 from .tome import ToMe
@@ -28,12 +32,16 @@ from .zerotp import ZeroTP
 NON_OPTION_KEYS = ("_target_", "name", "single_block", "multi_blocks", "checkpoint", "train")
 
 __all__ = [
+    "ATS",
+    "DPCKNN",
     "DTPS",
     "ETPS",
     "EViT",
     "DynamicViT",
+    "KMedoids",
     "LearnedReducer",
     "RandomDrop",
+    "SpatialHeuristic",
     "StagedReducer",
     "TNT",
     "ToMe",
