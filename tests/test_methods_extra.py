@@ -11,9 +11,13 @@ from hydra.utils import instantiate
 
 from conftest import compose_config, tiny_vit
 from tnt_lightning.config import ConfigError
-from tnt_lightning.engine import BackboneInfo, Tokens, apply_reducer, backbone_info
+from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
 from tnt_lightning.measure import analytic, count_macs
 from tnt_lightning.methods import TNT, build_reducer
+from tnt_lightning.methods.ats import inverse_transform_sample, sample_points, unique_padded
+from tnt_lightning.methods.dpcknn import dpc_knn
+from tnt_lightning.methods.kmedoids import k_medoids
+from tnt_lightning.methods.spatial import centre_distances, threshold_for
 from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
 from tnt_lightning.models.backbones import check_engine_support
 
@@ -105,7 +109,7 @@ def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
         info.num_patches,
         patch,
         3,
-        1000,
+        model.num_classes,
         final_tokens=final_tokens,
     )
     return macs / 1e9
@@ -201,3 +205,164 @@ def test_offline_tagged_hub_name_gives_the_clear_weights_error(tmp_path, monkeyp
     model = create_model(spec)
     with pytest.raises(WeightsUnavailableError, match="cannot be reached.*model.checkpoint="):
         backbones.load_hub_weights(model, spec)
+
+
+# -- Haurum et al.'s training-free baselines -------------------------------------------------------
+
+
+def run_method(model, method: str, rate: float, tmp_path, *overrides: str, trace: bool = False):
+    cfg = compose_config([f"method={method}", f"keep_rate={rate}", *overrides], tmp_path)
+    pruning = BackboneSpec(name="probe", arch={"depth": 1}).pruning
+    reducer, record = build_reducer(cfg.method, cfg.schedule, rate, pruning, backbone_info(model))
+    return apply_reducer(model, reducer, trace_sources=trace), record
+
+
+def deit_like(prefix: int = 1):
+    """A tiny random ViT with DeiT's 14 x 14 patch grid (and 12 blocks)."""
+    return tiny_vit(prefix=prefix, depth=12, img=224, patch=16, dim=48, heads=4)
+
+
+def test_spatial_keeps_the_achievable_count_nearest_the_target_hand_checked():
+    """14 x 14 grid, centred coordinates. Linf: squares of 4, 16, 36, 64, 100, 144, 196 patches; L1:
+    diamonds of 4 * d(d+1)/2 patches, so the target int(196 * 0.5) = 98 lies between 84 and 112,
+    exactly in the middle: the smaller wins."""
+    linf = centre_distances(14, "linf", "centred")
+    assert [int((linf <= threshold_for(linf, t)).sum()) for t in (137, 98, 96, 67)] == [144, 100, 100, 64]
+    l1 = centre_distances(14, "l1", "centred")
+    assert int((l1 <= threshold_for(l1, 98)).sum()) == 84
+    # Haurum's float32 grid agrees on the square; its rounding splits L1 rings (the comparison table).
+    haurum = centre_distances(14, "linf")
+    assert torch.equal(haurum <= threshold_for(haurum, 98), linf <= 4.5)
+
+
+def test_spatial_multi_layer_keeps_nested_central_squares_and_gflops_follow(tmp_path):
+    model = deit_like()
+    _, record = run_method(
+        model,
+        "spatial",
+        0.7,
+        tmp_path,
+        "schedule=multi",
+        "method.pattern=linf",
+        "method.grid=centred",
+        trace=True,
+    )
+    assert record["blocks"] == [2, 5, 8] and model.reducer.counts == [144, 100, 64]
+    x = torch.randn(2, 3, 224, 224)
+    got = count_macs(model, x[:1]) / 1e9
+    expected = analytic_gflops(model, [197] * 3 + [145] * 3 + [101] * 3 + [65] * 3)
+    assert got == pytest.approx(expected, abs=1e-12)
+    model(x)
+    kept = model.last_trace[-1][1][0, 1:, 1:].float().argmax(dim=-1)
+    rows, cols = kept // 14, kept % 14
+    assert rows.min() == 3 and rows.max() == 10 and cols.min() == 3 and cols.max() == 10  # the central 8 x 8
+    assert kept.tolist() == sorted(kept.tolist())  # original order, the same for every image
+
+
+def test_kmedoids_hand_checked_medoids():
+    """1-D points 0, 1, 10, 11, 12 weighted 5, 1, 4, 1, 1; k = 2. Initial medoids: the heaviest, 0 and
+    10. Costs w_j * sum_i |x_j - x_i|: 170, 31, 88, 23, 26. Clusters {0, 1} and {10, 11, 12} pick
+    their cheapest members, 1 and 11; the assignment does not change after that."""
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])[None]
+    weight = torch.tensor([[5.0, 1.0, 4.0, 1.0, 1.0]])
+    medoids, assignment = k_medoids(x, weight, 2, iterations=3)
+    assert medoids.tolist() == [[1, 3]] and assignment.tolist() == [[0, 0, 1, 1, 1]]
+    medoids, _ = k_medoids(x, weight, 2, iterations=0)
+    assert medoids.tolist() == [[0, 2]]  # no iteration: the initial medoids
+    # The reference's cost sums over all patches: for {0, 1, 3} beside a far 100 (sums 104, 102, 102)
+    # it picks 3 (0.985 * 102 < 102 < 0.98 * 104), where a within-cluster medoid would be 1 and the
+    # lightest token 0.
+    x = torch.tensor([[0.0], [1.0], [3.0], [100.0]])[None]
+    medoids, assignment = k_medoids(x, torch.tensor([[0.98, 1.0, 0.985, 5.0]]), 2, iterations=3)
+    assert medoids.tolist() == [[3, 2]] and assignment.tolist() == [[1, 1, 1, 0]]
+
+
+def test_dpcknn_hand_checked_centres_and_merge():
+    """1-D points 0, 0.1, 0.3, 5, 5.2, k = 2 neighbours (the token itself and its nearest): densities
+    e^-0.005 for the first two, e^-0.02 for the rest; the noise makes 0.1 and 5 the denser of each
+    tie. delta: 5.2 (the densest: the largest distance) for 0.1, 4.9 for 5, <= 0.2 elsewhere, so
+    the centres are 0.1 then 5; clusters {0, 0.1, 0.3} and {5, 5.2}, averaged."""
+    x = torch.tensor([[0.0], [0.1], [0.3], [5.0], [5.2]], dtype=torch.float64)[None]
+    noise = torch.tensor([[0.0, 1e-6, 0.0, 2e-6, 0.0]], dtype=torch.float64)
+    centres, assignment = dpc_knn(x, 2, 2, noise)
+    assert centres.tolist() == [[1, 3]] and assignment.tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_clustering_methods_count_the_distance_matrix_and_partition_the_patches(tmp_path):
+    """After block 2 at K = 0.5: 98 cluster tokens, plus 196^2 * D multiply-adds for the distances."""
+    for method in ("kmedoids", "dpcknn"):
+        model = deit_like()
+        run_method(model, method, 0.5, tmp_path, trace=True)
+        x = torch.randn(2, 3, 224, 224)
+        got = count_macs(model, x[:1]) / 1e9
+        expected = analytic_gflops(model, [197] * 3 + [99] * 9) + 196 * 196 * 48 / 1e9
+        assert got == pytest.approx(expected, abs=1e-12), method
+        model(x)
+        source = model.last_trace[-1][1][:, 1:, 1:]
+        assert source.shape[1] == 98
+        assert torch.equal(source.sum(dim=1), torch.ones(2, 196, dtype=torch.long))  # a partition
+
+
+def test_ats_sampling_hand_checked():
+    """Points for int(n0 * rho) = 3: (2i+1)/8 = 0.125, 0.375, 0.625. Scores [0.5, 0.1, 0.1, 0.3] (cdf
+    0.5, 0.6, 0.7, 1) sample tokens 0, 0, 1: two distinct; [0.1, 0.2, 0.3, 0.4] (cdf 0.1, 0.3, 0.6, 1)
+    sample 0, 1, 2. The batch is padded to 3 tokens; the first row's third is a placeholder."""
+    points = sample_points(3)
+    torch.testing.assert_close(points, torch.tensor([0.125, 0.375, 0.625]))
+    assert len(sample_points(2)) == 3  # Haurum's arange keeps its end point here (float rounding)
+    score = torch.tensor([[0.5, 0.1, 0.1, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    samples = inverse_transform_sample(score, points)
+    assert samples.tolist() == [[0, 0, 1], [0, 1, 2]]
+    idx, real = unique_padded(samples, 4)
+    assert idx.tolist() == [[0, 1, 0], [0, 1, 2]] and real.tolist() == [[True, True, False], [True] * 3]
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_ats_placeholders_change_no_output_batch_equals_one_by_one(pool, tmp_path):
+    """Images keep different counts; padded together, each gives its batch-1 logits."""
+    model = deit_like()
+    model.global_pool = pool
+    with torch.no_grad():  # sharper attention: samples coincide, counts differ between images
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
+    run_method(model, "ats", 0.7, tmp_path, "schedule=multi")
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = model(x)
+        assert model.last_tokens.size is not None and bool((model.last_tokens.size == 0).any())
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_ats_gflops_follow_the_kept_count_at_batch_one(tmp_path):
+    model = deit_like()
+    run_method(model, "ats", 0.5, tmp_path, trace=True)  # inside block 2, at most 98 (+1) samples
+    x = torch.randn(1, 3, 224, 224)
+    got = count_macs(model, x) / 1e9
+    n = model.last_tokens.x.shape[1]
+    assert n - 1 <= model.reducer.bound_tokens()[0]
+    dim, hidden = 48, 96
+    expected = (
+        analytic_gflops(model, [197] * 3 + [n] * 9)
+        - (analytic.mlp_part(197, dim, hidden) - analytic.mlp_part(n, dim, hidden)) / 1e9
+    )
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats"])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method, prefix, tmp_path):
+    model = tiny_vit(prefix=prefix, depth=6, img=64, patch=8)  # 64 patches
+    if method == "ats" and prefix == 0:
+        with pytest.raises(ReductionError, match="no CLS token"):
+            run_method(model, method, 0.5, tmp_path)
+        return
+    run_method(model, method, 0.5, tmp_path, "schedule.blocks=[1]", trace=True)
+    model(torch.randn(2, 3, 64, 64))
+    tokens, source = model.last_tokens, model.last_trace[-1][1]
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix, dtype=torch.bool).expand(2, -1, -1))
+    assert not source[:, prefix:, :prefix].any()  # no patch token stands for a prefix token
+    if method == "ats":
+        assert tokens.n <= model.reducer.bound_tokens()[0]
+    else:
+        assert tokens.n == model.reducer.counts[0] == (32 if method != "spatial" else 24)
