@@ -20,6 +20,7 @@ from tnt_lightning.methods.kmedoids import k_medoids
 from tnt_lightning.methods.spatial import centre_distances, threshold_for
 from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
 from tnt_lightning.models.backbones import check_engine_support
+from tnt_lightning.visualize import patch_owners
 
 
 def build(overrides: list[str], model, tmp_path):
@@ -366,3 +367,29 @@ def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method
         assert tokens.n <= model.reducer.bound_tokens()[0]
     else:
         assert tokens.n == model.reducer.counts[0] == (32 if method != "spatial" else 24)
+
+
+def test_token_maps_of_the_new_methods(tmp_path):
+    """Spatial greys the same outer ring in every image; a clustering step gives every patch an owner
+    (its cluster); ATS's placeholders own no patch."""
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    model = deit_like()
+    run_method(model, "spatial", 0.5, tmp_path, "method.pattern=linf", trace=True)
+    model(x)
+    owners = patch_owners(model.last_trace[-1][1], 1)
+    assert ((owners >= 0).sum(axis=1) == 100).all() and (owners == owners[:1]).all()
+    for method in ("kmedoids", "dpcknn"):
+        model = deit_like()
+        run_method(model, method, 0.5, tmp_path, trace=True)
+        model(x)
+        owners = patch_owners(model.last_trace[-1][1], 1)
+        assert (owners >= 0).all() and all(len(set(row)) == 98 for row in owners.tolist())
+    model = deit_like()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
+    run_method(model, "ats", 0.7, tmp_path, trace=True)
+    model(x)
+    owners = patch_owners(model.last_trace[-1][1], 1)
+    kept = (model.last_tokens.size[:, 1:, 0] > 0).sum(dim=1) if model.last_tokens.size is not None else None
+    assert kept is not None and ((owners >= 0).sum(axis=1) == kept.numpy()).all()
