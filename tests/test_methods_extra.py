@@ -120,7 +120,7 @@ def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
     "name,size,prefix",
     [
         ("vit_small_patch16_224", 224, 1),
-        ("vit_base_patch16_224", 224, 1),
+        pytest.param("vit_base_patch16_224", 224, 1, marks=pytest.mark.slow),
         pytest.param("vit_large_patch16_224", 224, 1, marks=pytest.mark.slow),
         ("vit_base_patch16_reg4_gap_256", 256, 4),  # 4 register tokens, no CLS, mean pooling
         ("deit3_small_patch16_224", 224, 1),
