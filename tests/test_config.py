@@ -36,7 +36,9 @@ def test_every_config_file_composes_and_resolves(group, option, tmp_path):
     validate(cfg)
     if group == "model":
         spec = instantiate(cfg.model)
-        assert isinstance(spec, BackboneSpec) and spec.name == option
+        assert isinstance(spec, BackboneSpec) and spec.name == (
+            spec.timm_name if option == "timm" else option
+        )
     if group == "data":
         assert instantiate(cfg.data).name == option
 

@@ -58,4 +58,8 @@ def attend(
         )
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     out = attn.proj_drop(attn.proj(out))
-    return out, AttentionInfo(probs=probs if needs.probs else None, keys=k if needs.keys else None)
+    return out, AttentionInfo(
+        probs=probs if needs.probs else None,
+        keys=k if needs.keys else None,
+        values=v if needs.values else None,
+    )

@@ -38,9 +38,10 @@ class Location:
 class AttentionNeeds:
     probs: bool = False  # post-softmax attention probabilities [B, H, N, N]
     keys: bool = False  # keys [B, H, N, D/H]
+    values: bool = False  # values [B, H, N, D/H] (ATS weighs attention by their norms)
 
     def __bool__(self) -> bool:
-        return self.probs or self.keys
+        return self.probs or self.keys or self.values
 
 
 @dataclass
@@ -49,6 +50,7 @@ class AttentionInfo:
 
     probs: Tensor | None = None
     keys: Tensor | None = None
+    values: Tensor | None = None
 
 
 @dataclass(frozen=True)

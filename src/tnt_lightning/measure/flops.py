@@ -6,11 +6,13 @@ multiply-add counts as one FLOP, matmuls/convolutions count the product of their
 
 We count with :class:`torch.utils.flop_counter.FlopCounterMode`, which sees every aten op that
 really runs, so token counts that change mid-forward are followed, and nothing is saved for
-tokens that are only masked. Two gaps are filled here:
+tokens that are only masked. Three gaps are filled here:
 
 * LayerNorm is not counted by torch; fvcore counts it as 5 x numel.
 * CPU fused attention (``_scaled_dot_product_flash_attention_for_cpu``) is not in torch's
   registry, so a timm ViT with fused attention would lose its 2*N^2*D attention matmuls.
+* ``torch.cdist`` (the clustering methods' distance matrices) is not counted by torch: N*M*C
+  multiply-adds for N x M distances in C dimensions.
 
 ptflops and fvcore miss attention on timm ViTs (README, "Counting GFLOPs"); they are not used.
 """
@@ -50,7 +52,16 @@ def _mv_flops(mat_shape, vec_shape, *args, **kwargs) -> int:
     return 2 * _numel(mat_shape)
 
 
+def _cdist_flops(x1_shape, x2_shape, *args, **kwargs) -> int:
+    # Pairwise distances of [.., N, C] and [.., M, C]: one multiply-add per coordinate pair (the
+    # clustering methods' distance matrices; torch's counter does not see cdist).
+    *batch, n, c = x1_shape
+    return 2 * _numel(batch) * n * x2_shape[-2] * c
+
+
 _EXTRA_FORMULAS = {
+    aten._cdist_forward: _cdist_flops,
+    aten._euclidean_dist: _cdist_flops,
     aten.native_layer_norm: _layer_norm_flops,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     aten.mv: _mv_flops,

@@ -11,10 +11,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine import BackboneInfo, ReductionError, TokenReducer
+from ..models.backbones import PruningDefaults
+from .ats import ATS
+from .dpcknn import DPCKNN
 from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
+from .kmedoids import KMedoids
 from .learned import LearnedReducer
 from .random_drop import RandomDrop
+from .spatial import SpatialHeuristic
 from .staged import StagedReducer
 from .tnt import TNT
 from .tome import ToMe
@@ -27,12 +32,16 @@ from .zerotp import ZeroTP
 NON_OPTION_KEYS = ("_target_", "name", "single_block", "multi_blocks", "checkpoint", "trust_pickle", "train")
 
 __all__ = [
+    "ATS",
+    "DPCKNN",
     "DTPS",
     "ETPS",
     "EViT",
     "DynamicViT",
+    "KMedoids",
     "LearnedReducer",
     "RandomDrop",
+    "SpatialHeuristic",
     "StagedReducer",
     "TNT",
     "ToMe",
@@ -42,8 +51,15 @@ __all__ = [
 ]
 
 
-def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, single_block: int, depth: int):
-    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null)."""
+def resolve_blocks(
+    method: DictConfig, schedule: DictConfig, keep_rate: float, pruning: PruningDefaults, depth: int
+):
+    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null).
+
+    A method's own default blocks are the paper's, for 12 blocks: on a backbone whose
+    ``model.pruning.paper_depth`` is set they keep their relative depth (``scale_block``).
+    """
+    single_block = pruning.single_block
     if schedule.name == "single":
         if schedule.rates is not None:
             raise ReductionError("schedule=single takes keep_rate, not schedule.rates (use schedule=multi)")
@@ -51,7 +67,7 @@ def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, s
         blocks = (
             list(schedule.blocks)
             if schedule.blocks is not None
-            else [single_block if default is None else default]
+            else [single_block if default is None else pruning.scale_block(default, depth)]
         )
         if len(blocks) != 1:
             raise ReductionError(
@@ -62,7 +78,12 @@ def resolve_blocks(method: DictConfig, schedule: DictConfig, keep_rate: float, s
     if schedule.blocks is not None:
         blocks = list(schedule.blocks)
     elif default is not None:
-        blocks = list(default)
+        blocks = [pruning.scale_block(b, depth) for b in default]
+        if len(set(blocks)) != len(blocks):
+            raise ReductionError(
+                f"method={method.name}'s blocks {list(default)} (for {pruning.paper_depth} blocks) "
+                f"collide on this {depth}-block backbone ({blocks}); give schedule.blocks"
+            )
     else:
         blocks = list(range(depth))
     if schedule.rates is None:
@@ -86,7 +107,8 @@ def build_reducer(
     """
     if method.name == "none":
         return None, {"name": "none"}
-    blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning.single_block, info.depth)
+    pruning = pruning.resolved(info.depth, info.num_patches)
+    blocks, rates = resolve_blocks(method, schedule, keep_rate, pruning, info.depth)
     options = {
         k: v for k, v in OmegaConf.to_container(method, resolve=True).items() if k not in NON_OPTION_KEYS
     }
@@ -96,4 +118,6 @@ def build_reducer(
     reducer = get_class(method._target_).from_schedule(schedule.name, blocks, rates, info, **options)
     record = {"name": schedule.name, "blocks": blocks, "rates": rates}
     record.update({k: v for k, v in options.items() if k != "seed"})
+    if hasattr(reducer, "resolved_schedule"):  # a method that runs other blocks than the schedule names
+        record.update(reducer.resolved_schedule())
     return reducer, record

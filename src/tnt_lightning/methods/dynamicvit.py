@@ -68,6 +68,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 class DynamicViT(LearnedReducer):
     name = "dynamicvit"
     squeeze_pruned = False
+    # The paper-compat single-layer model: three stages where the schedule names one block.
+    single_layer_compat = False
 
     def __init__(
         self,
@@ -119,7 +121,9 @@ class DynamicViT(LearnedReducer):
         if schedule == "single":
             if paper_flops_compat:
                 b = blocks[0]
-                return cls(info, [b, b + 3, b + 6], rates * 3, paper_flops_compat=True, **options)
+                reducer = cls(info, [b, b + 3, b + 6], rates * 3, paper_flops_compat=True, **options)
+                reducer.single_layer_compat = True
+                return reducer
             return cls(info, blocks, rates, **options)
         if len(set(rates)) == 1:
             ratios = [rates[0] ** (j + 1) for j in range(len(rates))]
@@ -137,6 +141,16 @@ class DynamicViT(LearnedReducer):
                 f"method={self.name} keep ratios {self.keep_ratios} leave no token of "
                 f"{info.num_patches}; raise keep_rate"
             )
+
+    def resolved_schedule(self) -> dict[str, Any]:
+        """What runs: the stages' blocks and keep ratios (of the initial patches), for the record.
+
+        Paper-compat single-layer runs three stages, after blocks b, b+3, b+6, each keeping K.
+        """
+        record: dict[str, Any] = {"blocks": list(self.blocks), "keep_ratios": list(self.keep_ratios)}
+        if self.single_layer_compat:
+            record["rates"] = list(self.keep_ratios)
+        return record
 
     def locations(self) -> list[Location]:
         stages = [Location(Site.AFTER, b) for b in self.blocks]

@@ -194,11 +194,20 @@ class TNT(LearnedReducer):
 
     def pre_block_similarity(self, tokens: Tokens) -> Tokens:
         """Multi-layer: RPSP of s tokens before block 0, with random importance (only the order)."""
-        g = self.generator(tokens.x.device)
-        importance = torch.rand(tokens.x.shape[0], tokens.n, device=tokens.x.device, generator=g)
+        # As the official code: the importance comes from the CPU generator and is then moved to
+        # the tokens' device; the partition is drawn on the tokens' device. On CPU both draws come,
+        # in this order, from one generator; on CUDA the importance still reproduces the CPU run's.
+        device = tokens.x.device
+        importance = torch.rand(tokens.x.shape[0], tokens.n, generator=self.generator(torch.device("cpu")))
+        importance = importance.to(device)
         s = self.pre_similarity_tokens
         idx = random_partition_prune(
-            tokens.patches, importance, s, tokens.n - s, generator=g, per_sample=self.per_sample
+            tokens.patches,
+            importance,
+            s,
+            tokens.n - s,
+            generator=self.generator(device),
+            per_sample=self.per_sample,
         )
         return tokens.keep(idx)
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..config import UserError
+from ..config import ConfigError, UserError
 
 WEIGHT_SOURCES = ("hub", "pretrain", "checkpoint", "random")
 
@@ -33,12 +34,49 @@ class PruningDefaults:
     ``single_block``: block index of the single-layer location ("3rd layer" on DeiT = 2, the
     ViT/16 one block earlier). ``similarity_tokens``: s of TNT's and Zero-TP's single-layer
     similarity step (25 DeiT, 30 ViT/16). ``pre_similarity_tokens``: s of TNT's multi-layer
-    pre-block step (40).
+    pre-block step (40). A null value is scaled from the paper's 12-block, 196-patch DeiT to the
+    backbone (:meth:`resolved`). ``paper_depth``: when set, the methods' multi-layer blocks
+    (written for the paper's 12 blocks) are mapped to the backbone's depth (:meth:`scale_block`).
     """
 
-    single_block: int = 2
-    similarity_tokens: int = 25
-    pre_similarity_tokens: int = 40
+    single_block: int | None = 2
+    similarity_tokens: int | None = 25
+    pre_similarity_tokens: int | None = 40
+    paper_depth: int | None = None
+
+    def resolved(self, depth: int, num_patches: int) -> PruningDefaults:
+        """These defaults with every null filled in for a ``depth``-block, ``num_patches``-patch ViT.
+
+        The paper prunes after the 3rd of 12 blocks and removes 25 (single-layer) / 40 (multi-layer
+        pre-block) of 196 tokens by similarity: the same fractions of depth and of the patches.
+        """
+        return PruningDefaults(
+            single_block=self.single_block
+            if self.single_block is not None
+            else max(0, round(3 * depth / PAPER_DEPTH) - 1),
+            similarity_tokens=self.similarity_tokens
+            if self.similarity_tokens is not None
+            else round(25 * num_patches / PAPER_PATCHES),
+            pre_similarity_tokens=self.pre_similarity_tokens
+            if self.pre_similarity_tokens is not None
+            else round(40 * num_patches / PAPER_PATCHES),
+            paper_depth=self.paper_depth,
+        )
+
+    def scale_block(self, block: int, depth: int) -> int:
+        """Block ``block`` of a ``paper_depth``-block schedule on a ``depth``-block backbone.
+
+        "After block b" keeps its relative depth: the first ``b + 1`` of ``paper_depth`` blocks
+        become the first ``round((b + 1) * depth / paper_depth)``.
+        """
+        if self.paper_depth is None or depth == self.paper_depth:
+            return block
+        return max(0, round((block + 1) * depth / self.paper_depth) - 1)
+
+
+# The paper's DeiT: 12 blocks, 14 x 14 patches.
+PAPER_DEPTH = 12
+PAPER_PATCHES = 196
 
 
 @dataclass
@@ -68,8 +106,8 @@ class BackboneSpec:
     pretrain: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.pruning, dict):
-            self.pruning = PruningDefaults(**self.pruning)
+        if not isinstance(self.pruning, PruningDefaults):  # a dict, or Hydra's DictConfig
+            self.pruning = PruningDefaults(**dict(self.pruning))
         self.input_size = tuple(int(s) for s in self.input_size)
         self.arch = dict(self.arch)
         self.pretrain = dict(self.pretrain)
@@ -86,18 +124,91 @@ class BackboneSpec:
 
 
 def create_model(spec: BackboneSpec) -> VisionTransformer:
-    """A randomly initialised timm VisionTransformer for ``spec`` (weights are loaded separately)."""
+    """A randomly initialised timm VisionTransformer for ``spec`` (weights are loaded separately).
+
+    Raises :class:`~tnt_lightning.config.ConfigError` for a name timm does not know, an input
+    size the model was not built for, or a model the token-reduction engine cannot run.
+    """
     kwargs = dict(num_classes=spec.num_classes, drop_path_rate=spec.drop_path_rate)
     if spec.timm_name is not None:
+        if not timm.is_model(spec.timm_name):
+            raise ConfigError(
+                f"model.timm_name={spec.timm_name!r} is not a timm model; timm.list_models('vit_*') lists "
+                f"the VisionTransformers (a pretrained tag may follow: 'vit_base_patch16_224.augreg_in1k')"
+            )
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     else:
         arch = dict(spec.arch)
         cls = VisionTransformerDistilled if arch.pop("distilled", False) else VisionTransformer
         model = cls(img_size=spec.input_size[1], in_chans=spec.input_size[0], **arch, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"model {spec.name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    check_engine_support(model, spec)
     set_fused_attn(model, spec.fused_attn)
     return model
+
+
+# Block and attention classes of timm's vision_transformer that run differently from ``Block``.
+_UNSUPPORTED_PARTS = {
+    "ResPostBlock": "its blocks normalise after the attention and MLP (res-post-norm)",
+    "ParallelScalingBlock": "its blocks run attention and MLP as parallel branches",
+    "ParallelThingsBlock": "its blocks run several attention and MLP branches in parallel",
+    "DiffParallelScalingBlock": "its blocks run differential attention and MLP in parallel",
+    "DiffAttention": "its attention is differential attention (two softmax maps)",
+}
+
+
+def check_engine_support(model: nn.Module, spec: BackboneSpec) -> None:
+    """Fail early, naming the model and the reason, where the engine cannot run ``model`` faithfully.
+
+    The engine runs timm's ``Block`` (norm1, attention, layer scale, drop path, norm2, MLP) and
+    timm's plain ``Attention`` itself, prunes between them and pools the remaining tokens; any
+    other block or attention, an attention-pooling head, or prefix tokens inside the pooling would
+    silently compute something else.
+    """
+    name = spec.timm_name or spec.name
+
+    def fail(reason: str) -> None:
+        raise ConfigError(
+            f"model {name!r} cannot be served by the token-reduction engine: {reason}. Supported: timm "
+            f"VisionTransformers (ViT, DeiT, DeiT III, register-token ViTs) with plain Block/Attention "
+            f"layers and CLS-token or average/max pooling"
+        )
+
+    if not isinstance(model, VisionTransformer):
+        kind = type(model).__name__
+        hint = ""
+        if "RelPos" in kind or "Beit" in kind:
+            hint = " with relative position biases in its attention"
+        elif "Eva" in kind:
+            hint = " with rotary position embeddings"
+        fail(f"it is a {kind}{hint}, not a timm VisionTransformer")
+    if getattr(model, "attn_pool", None) is not None:
+        fail(f"it pools with an attention head (global_pool={model.global_pool!r})")
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+        fail(f"global_pool={model.global_pool!r} (no pooling)")
+    if getattr(model, "pool_include_prefix", False):
+        fail("its pooling includes the prefix tokens (pool_include_prefix=True)")
+    if not isinstance(model.patch_drop, nn.Identity):
+        fail("it drops random patches itself (patch_drop_rate > 0)")
+    for index, block in enumerate(model.blocks):
+        for part in (block, getattr(block, "attn", None)):
+            reason = _UNSUPPORTED_PARTS.get(type(part).__name__)
+            if reason is not None:
+                fail(reason)
+        if type(block) is not Block or type(block.attn) is not Attention:
+            fail(
+                f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}, "
+                f"not timm's Block with Attention"
+            )
+        if getattr(block.attn, "gate", None) is not None:
+            fail("its attention is gated (Attention(gated=True))")
+        if not hasattr(block.mlp, "fc1"):
+            fail(f"its MLP is a {type(block.mlp).__name__} without an fc1 layer")
+    expected = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    if not getattr(model, "dynamic_img_size", False) and tuple(spec.input_size) != tuple(expected):
+        raise ConfigError(
+            f"model {name!r} takes inputs of shape {list(expected)}, but model.input_size="
+            f"{list(spec.input_size)}; set model.input_size={list(expected)}"
+        )
 
 
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:

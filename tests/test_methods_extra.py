@@ -1,0 +1,395 @@
+"""Haurum et al.'s training-free baselines, timm backbones in general, and two fixes of existing methods."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from conftest import compose_config, tiny_vit
+from tnt_lightning.config import ConfigError
+from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.measure import analytic, count_macs
+from tnt_lightning.methods import TNT, build_reducer
+from tnt_lightning.methods.ats import inverse_transform_sample, sample_points, unique_padded
+from tnt_lightning.methods.dpcknn import dpc_knn
+from tnt_lightning.methods.kmedoids import k_medoids
+from tnt_lightning.methods.spatial import centre_distances, threshold_for
+from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
+from tnt_lightning.models.backbones import check_engine_support
+from tnt_lightning.visualize import patch_owners
+
+
+def build(overrides: list[str], model, tmp_path):
+    cfg = compose_config(overrides, tmp_path)
+    pruning = BackboneSpec(name="probe", arch={"depth": 1}).pruning
+    return build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, pruning, backbone_info(model))
+
+
+# -- fixes ---------------------------------------------------------------------------------------
+
+
+def test_compat_single_layer_dynamicvit_records_the_three_stages_it_runs(tmp_path):
+    model = tiny_vit(prefix=1, depth=12, img=224, patch=16)
+    for method in ("dynamicvit", "dtps"):
+        reducer, record = build(
+            [f"method={method}", "keep_rate=0.6", "paper_flops_compat=true"], model, tmp_path
+        )
+        assert reducer.blocks == [2, 5, 8]
+        assert record["blocks"] == [2, 5, 8] and record["rates"] == [0.6, 0.6, 0.6]
+        reducer, record = build([f"method={method}", "keep_rate=0.6"], model, tmp_path)
+        assert record["blocks"] == [2] and record["rates"] == [0.6]
+
+
+def official_pre_block_order(x: torch.Tensor, s: int, seed: int) -> list[list[int]]:
+    """The official TNT pre-block step, per sample: kept patch indices in output order.
+
+    ``torch.rand(B, n)`` from the CPU generator (moved to the device), then ``randperm(n)`` from the
+    device's generator (on CPU: the same generator, in that order), seeded as the method's are.
+    """
+    batch, n = x.shape[0], x.shape[1] - 1
+    cpu = torch.Generator().manual_seed(seed)
+    on_device = cpu if x.device.type == "cpu" else torch.Generator(x.device).manual_seed(seed)
+    importance = torch.rand(batch, n, generator=cpu)
+    perm = torch.randperm(n, device=x.device, generator=on_device).cpu()
+    a, b = perm[: n // 2], perm[n // 2 :]
+    patches = F.normalize(x[:, 1:].cpu(), dim=-1)
+    best = (patches[:, a] @ patches[:, b].transpose(1, 2)).amax(dim=-1)
+    orders = []
+    for i in range(batch):
+        dropped = set(a[best[i].topk(s).indices].tolist())
+        survivors = [j for j in perm.tolist() if j not in dropped]
+        orders.append(sorted(survivors, key=lambda j: -importance[i, j].item()))
+    return orders
+
+
+def tnt_pre_block_order(device: str) -> tuple[list[list[int]], list[list[int]]]:
+    model = tiny_vit(prefix=1, depth=6, img=64, patch=8)  # 64 patches
+    info = backbone_info(model)
+    tnt = TNT(info, "multi", [2, 3, 4], [0.9, 0.9, 0.9], pre_similarity_tokens=10, seed=7).to(device)
+    tnt.bind(info)
+    tnt.eval()
+    x = torch.randn(3, 1 + 64, info.embed_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    kept = tnt.pre_block_similarity(Tokens.start(x, 1, trace=True))
+    got = kept.source[:, 1:, 1:].float().argmax(dim=-1).tolist()
+    return got, official_pre_block_order(x, 10, seed=7)
+
+
+def test_tnt_multi_layer_draws_importance_then_partition_as_the_official_code():
+    got, expected = tnt_pre_block_order("cpu")
+    assert got == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tnt_multi_layer_importance_comes_from_the_cpu_generator_on_cuda():
+    """On CUDA the importance is the CPU generator's draw (as the official ``rand(...).to(device)``)."""
+    got, expected = tnt_pre_block_order("cuda")
+    assert got == expected
+
+
+# -- any timm VisionTransformer --------------------------------------------------------------------
+
+
+def timm_spec(tmp_path, name: str, *overrides: str) -> BackboneSpec:
+    return instantiate(compose_config(["model=timm", f"model.timm_name={name}", *overrides], tmp_path).model)
+
+
+def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
+    """METHODS.md 9.2 for a timm ViT; mean-pooled models with fc_norm normalise one pooled vector."""
+    info = backbone_info(model)
+    if isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm):
+        final_tokens = 1
+    patch = model.patch_embed.patch_size[0]
+    macs = analytic.vit_macs(
+        tokens_per_block,
+        info.embed_dim,
+        info.mlp_hidden,
+        info.num_patches,
+        patch,
+        3,
+        model.num_classes,
+        final_tokens=final_tokens,
+    )
+    return macs / 1e9
+
+
+@pytest.mark.parametrize(
+    "name,size,prefix",
+    [
+        ("vit_small_patch16_224", 224, 1),
+        pytest.param("vit_base_patch16_224", 224, 1, marks=pytest.mark.slow),
+        pytest.param("vit_large_patch16_224", 224, 1, marks=pytest.mark.slow),
+        ("vit_base_patch16_reg4_gap_256", 256, 4),  # 4 register tokens, no CLS, mean pooling
+        ("deit3_small_patch16_224", 224, 1),
+    ],
+)
+def test_timm_backbone_gflops_equal_the_analytic_formula(name, size, prefix, tmp_path):
+    spec = timm_spec(tmp_path, name, f"model.input_size=[3,{size},{size}]")
+    model = create_model(spec).eval()
+    info = backbone_info(model)
+    assert spec.name == name and info.num_prefix == prefix
+    n = info.num_patches + prefix
+    got = count_macs(model, torch.randn(1, 3, size, size)) / 1e9
+    assert got == pytest.approx(analytic_gflops(model, [n] * info.depth), abs=1e-12)
+
+
+def test_register_tokens_are_prefix_tokens_kept_outside_every_count(tmp_path):
+    """vit_base_patch16_reg4_gap_256: 256 patches, 4 registers; random keeps int(256 * 0.5) patches."""
+    spec = timm_spec(tmp_path, "vit_base_patch16_reg4_gap_256", "model.input_size=[3,256,256]")
+    model = create_model(spec).eval()
+    cfg = compose_config(["model=timm", "method=random", "keep_rate=0.5"], tmp_path)
+    reducer, record = build_reducer(cfg.method, cfg.schedule, 0.5, spec.pruning, backbone_info(model))
+    assert record["blocks"] == [2]  # the paper's "after the 3rd of 12 blocks"
+    apply_reducer(model, reducer, trace_sources=True)
+    x = torch.randn(1, 3, 256, 256)
+    got = count_macs(model, x) / 1e9
+    assert model.last_tokens.x.shape[1] == 4 + 128
+    source = model.last_trace[-1][1][0]
+    assert source[:4, :4].equal(torch.eye(4, dtype=torch.bool))  # registers stay first, untouched
+    assert got == pytest.approx(analytic_gflops(model, [260] * 3 + [132] * 9), abs=1e-12)
+
+
+def test_timm_pruning_defaults_scale_with_depth(tmp_path):
+    """ViT-L (24 blocks): "after the 3rd of 12 blocks" is after the 6th; [2,3,4] -> [5,7,9]."""
+    spec = timm_spec(tmp_path, "vit_large_patch16_224")
+    info = BackboneInfo(24, 1024, 16, 4096, 1, 196, True, False, "token")
+    for method, schedule, blocks in (
+        ("topk", "single", [5]),
+        ("topk", "multi", [5, 7, 9]),
+        ("dynamicvit", "multi", [5, 11, 17]),
+        ("evit", "multi", [7, 13, 19]),
+        ("zerotp", "multi", [1, 5, 11, 17, 21]),
+    ):
+        cfg = compose_config([f"method={method}", f"schedule={schedule}", "keep_rate=0.7"], tmp_path)
+        _, record = build_reducer(cfg.method, cfg.schedule, 0.7, spec.pruning, info)
+        assert record["blocks"] == blocks, (method, schedule)
+    resolved = spec.pruning.resolved(24, 576)  # a 384-pixel ViT: 24 x 24 patches
+    assert (resolved.single_block, resolved.similarity_tokens, resolved.pre_similarity_tokens) == (5, 73, 118)
+    # A model config that gives its defaults keeps them (the paper's DeiT: 12 blocks, unscaled).
+    deit = instantiate(compose_config(["model=deit_small_distilled"], tmp_path).model).pruning
+    assert deit.resolved(12, 196) == deit
+
+
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("vit_base_patch16_siglip_224", "attention head (global_pool='map')"),
+        ("vit_relpos_small_patch16_224", "relative position biases"),
+        ("vit_base_patch16_rpn_224", "res-post-norm"),
+        ("vit_small_patch16_18x2_224", "in parallel"),
+        ("vit_no_such_model", "is not a timm model"),
+        ("vit_small_patch16_384", "set model.input_size=[3, 384, 384]"),
+    ],
+)
+def test_models_the_engine_cannot_serve_fail_early_naming_model_and_reason(name, reason, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(reason)) as err:
+        create_model(timm_spec(tmp_path, name))
+    assert name in str(err.value)
+
+
+def test_gated_attention_fails_early(tmp_path):
+    spec = BackboneSpec(name="gated", arch={"depth": 4}, input_size=(3, 32, 32))
+    model = tiny_vit()
+    check_engine_support(model, spec)
+    model.blocks[1].attn.gate = torch.nn.Linear(48, 48)
+    with pytest.raises(ConfigError, match="model 'gated' .* gated"):
+        check_engine_support(model, spec)
+
+
+def test_offline_tagged_hub_name_gives_the_clear_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(backbones, "_hub_cached", lambda *a, **k: False)
+    spec = timm_spec(tmp_path, "vit_small_patch16_224.augreg_in21k_ft_in1k")
+    model = create_model(spec)
+    with pytest.raises(WeightsUnavailableError, match="cannot be reached.*model.checkpoint="):
+        backbones.load_hub_weights(model, spec)
+
+
+# -- Haurum et al.'s training-free baselines -------------------------------------------------------
+
+
+def run_method(model, method: str, rate: float, tmp_path, *overrides: str, trace: bool = False):
+    cfg = compose_config([f"method={method}", f"keep_rate={rate}", *overrides], tmp_path)
+    pruning = BackboneSpec(name="probe", arch={"depth": 1}).pruning
+    reducer, record = build_reducer(cfg.method, cfg.schedule, rate, pruning, backbone_info(model))
+    return apply_reducer(model, reducer, trace_sources=trace), record
+
+
+def deit_like(prefix: int = 1):
+    """A tiny random ViT with DeiT's 14 x 14 patch grid (and 12 blocks)."""
+    return tiny_vit(prefix=prefix, depth=12, img=224, patch=16, dim=48, heads=4)
+
+
+def test_spatial_keeps_the_achievable_count_nearest_the_target_hand_checked():
+    """14 x 14 grid, centred coordinates. Linf: squares of 4, 16, 36, 64, 100, 144, 196 patches; L1:
+    diamonds of 4 * d(d+1)/2 patches, so the target int(196 * 0.5) = 98 lies between 84 and 112,
+    exactly in the middle: the smaller wins."""
+    linf = centre_distances(14, "linf", "centred")
+    assert [int((linf <= threshold_for(linf, t)).sum()) for t in (137, 98, 96, 67)] == [144, 100, 100, 64]
+    l1 = centre_distances(14, "l1", "centred")
+    assert int((l1 <= threshold_for(l1, 98)).sum()) == 84
+    # Haurum's float32 grid agrees on the square; its rounding splits L1 rings (the comparison table).
+    haurum = centre_distances(14, "linf")
+    assert torch.equal(haurum <= threshold_for(haurum, 98), linf <= 4.5)
+
+
+def test_spatial_multi_layer_keeps_nested_central_squares_and_gflops_follow(tmp_path):
+    model = deit_like()
+    _, record = run_method(
+        model,
+        "spatial",
+        0.7,
+        tmp_path,
+        "schedule=multi",
+        "method.pattern=linf",
+        "method.grid=centred",
+        trace=True,
+    )
+    assert record["blocks"] == [2, 5, 8] and model.reducer.counts == [144, 100, 64]
+    x = torch.randn(2, 3, 224, 224)
+    got = count_macs(model, x[:1]) / 1e9
+    expected = analytic_gflops(model, [197] * 3 + [145] * 3 + [101] * 3 + [65] * 3)
+    assert got == pytest.approx(expected, abs=1e-12)
+    model(x)
+    kept = model.last_trace[-1][1][0, 1:, 1:].float().argmax(dim=-1)
+    rows, cols = kept // 14, kept % 14
+    assert rows.min() == 3 and rows.max() == 10 and cols.min() == 3 and cols.max() == 10  # the central 8 x 8
+    assert kept.tolist() == sorted(kept.tolist())  # original order, the same for every image
+
+
+def test_kmedoids_hand_checked_medoids():
+    """1-D points 0, 1, 10, 11, 12 weighted 5, 1, 4, 1, 1; k = 2. Initial medoids: the heaviest, 0 and
+    10. Costs w_j * sum_i |x_j - x_i|: 170, 31, 88, 23, 26. Clusters {0, 1} and {10, 11, 12} pick
+    their cheapest members, 1 and 11; the assignment does not change after that."""
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])[None]
+    weight = torch.tensor([[5.0, 1.0, 4.0, 1.0, 1.0]])
+    medoids, assignment = k_medoids(x, weight, 2, iterations=3)
+    assert medoids.tolist() == [[1, 3]] and assignment.tolist() == [[0, 0, 1, 1, 1]]
+    medoids, _ = k_medoids(x, weight, 2, iterations=0)
+    assert medoids.tolist() == [[0, 2]]  # no iteration: the initial medoids
+    # The reference's cost sums over all patches: for {0, 1, 3} beside a far 100 (sums 104, 102, 102)
+    # it picks 3 (0.985 * 102 < 102 < 0.98 * 104), where a within-cluster medoid would be 1 and the
+    # lightest token 0.
+    x = torch.tensor([[0.0], [1.0], [3.0], [100.0]])[None]
+    medoids, assignment = k_medoids(x, torch.tensor([[0.98, 1.0, 0.985, 5.0]]), 2, iterations=3)
+    assert medoids.tolist() == [[3, 2]] and assignment.tolist() == [[1, 1, 1, 0]]
+
+
+def test_dpcknn_hand_checked_centres_and_merge():
+    """1-D points 0, 0.1, 0.3, 5, 5.2, k = 2 neighbours (the token itself and its nearest): densities
+    e^-0.005 for the first two, e^-0.02 for the rest; the noise makes 0.1 and 5 the denser of each
+    tie. delta: 5.2 (the densest: the largest distance) for 0.1, 4.9 for 5, <= 0.2 elsewhere, so
+    the centres are 0.1 then 5; clusters {0, 0.1, 0.3} and {5, 5.2}, averaged."""
+    x = torch.tensor([[0.0], [0.1], [0.3], [5.0], [5.2]], dtype=torch.float64)[None]
+    noise = torch.tensor([[0.0, 1e-6, 0.0, 2e-6, 0.0]], dtype=torch.float64)
+    centres, assignment = dpc_knn(x, 2, 2, noise)
+    assert centres.tolist() == [[1, 3]] and assignment.tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_clustering_methods_count_the_distance_matrix_and_partition_the_patches(tmp_path):
+    """After block 2 at K = 0.5: 98 cluster tokens, plus 196^2 * D multiply-adds for the distances."""
+    for method in ("kmedoids", "dpcknn"):
+        model = deit_like()
+        run_method(model, method, 0.5, tmp_path, trace=True)
+        x = torch.randn(2, 3, 224, 224)
+        got = count_macs(model, x[:1]) / 1e9
+        expected = analytic_gflops(model, [197] * 3 + [99] * 9) + 196 * 196 * 48 / 1e9
+        assert got == pytest.approx(expected, abs=1e-12), method
+        model(x)
+        source = model.last_trace[-1][1][:, 1:, 1:]
+        assert source.shape[1] == 98
+        assert torch.equal(source.sum(dim=1), torch.ones(2, 196, dtype=torch.long))  # a partition
+
+
+def test_ats_sampling_hand_checked():
+    """Points for int(n0 * rho) = 3: (2i+1)/8 = 0.125, 0.375, 0.625. Scores [0.5, 0.1, 0.1, 0.3] (cdf
+    0.5, 0.6, 0.7, 1) sample tokens 0, 0, 1: two distinct; [0.1, 0.2, 0.3, 0.4] (cdf 0.1, 0.3, 0.6, 1)
+    sample 0, 1, 2. The batch is padded to 3 tokens; the first row's third is a placeholder."""
+    points = sample_points(3)
+    torch.testing.assert_close(points, torch.tensor([0.125, 0.375, 0.625]))
+    assert len(sample_points(2)) == 3  # Haurum's arange keeps its end point here (float rounding)
+    score = torch.tensor([[0.5, 0.1, 0.1, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    samples = inverse_transform_sample(score, points)
+    assert samples.tolist() == [[0, 0, 1], [0, 1, 2]]
+    idx, real = unique_padded(samples, 4)
+    assert idx.tolist() == [[0, 1, 0], [0, 1, 2]] and real.tolist() == [[True, True, False], [True] * 3]
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_ats_placeholders_change_no_output_batch_equals_one_by_one(pool, tmp_path):
+    """Images keep different counts; padded together, each gives its batch-1 logits."""
+    model = deit_like()
+    model.global_pool = pool
+    with torch.no_grad():  # sharper attention: samples coincide, counts differ between images
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
+    run_method(model, "ats", 0.7, tmp_path, "schedule=multi")
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = model(x)
+        assert model.last_tokens.size is not None and bool((model.last_tokens.size == 0).any())
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_ats_gflops_follow_the_kept_count_at_batch_one(tmp_path):
+    model = deit_like()
+    run_method(model, "ats", 0.5, tmp_path, trace=True)  # inside block 2, at most 98 (+1) samples
+    x = torch.randn(1, 3, 224, 224)
+    got = count_macs(model, x) / 1e9
+    n = model.last_tokens.x.shape[1]
+    assert n - 1 <= model.reducer.bound_tokens()[0]
+    dim, hidden = 48, 96
+    expected = (
+        analytic_gflops(model, [197] * 3 + [n] * 9)
+        - (analytic.mlp_part(197, dim, hidden) - analytic.mlp_part(n, dim, hidden)) / 1e9
+    )
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats"])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method, prefix, tmp_path):
+    model = tiny_vit(prefix=prefix, depth=6, img=64, patch=8)  # 64 patches
+    if method == "ats" and prefix == 0:
+        with pytest.raises(ReductionError, match="no CLS token"):
+            run_method(model, method, 0.5, tmp_path)
+        return
+    run_method(model, method, 0.5, tmp_path, "schedule.blocks=[1]", trace=True)
+    model(torch.randn(2, 3, 64, 64))
+    tokens, source = model.last_tokens, model.last_trace[-1][1]
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix, dtype=torch.bool).expand(2, -1, -1))
+    assert not source[:, prefix:, :prefix].any()  # no patch token stands for a prefix token
+    if method == "ats":
+        assert tokens.n <= model.reducer.bound_tokens()[0]
+    else:
+        assert tokens.n == model.reducer.counts[0] == (32 if method != "spatial" else 24)
+
+
+def test_token_maps_of_the_new_methods(tmp_path):
+    """Spatial greys the same outer ring in every image; a clustering step gives every patch an owner
+    (its cluster); ATS's placeholders own no patch."""
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    model = deit_like()
+    run_method(model, "spatial", 0.5, tmp_path, "method.pattern=linf", trace=True)
+    model(x)
+    owners = patch_owners(model.last_trace[-1][1], 1)
+    assert ((owners >= 0).sum(axis=1) == 100).all() and (owners == owners[:1]).all()
+    for method in ("kmedoids", "dpcknn"):
+        model = deit_like()
+        run_method(model, method, 0.5, tmp_path, trace=True)
+        model(x)
+        owners = patch_owners(model.last_trace[-1][1], 1)
+        assert (owners >= 0).all() and all(len(set(row)) == 98 for row in owners.tolist())
+    model = deit_like()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
+    run_method(model, "ats", 0.7, tmp_path, trace=True)
+    model(x)
+    owners = patch_owners(model.last_trace[-1][1], 1)
+    kept = (model.last_tokens.size[:, 1:, 0] > 0).sum(dim=1) if model.last_tokens.size is not None else None
+    assert kept is not None and ((owners >= 0).sum(axis=1) == kept.numpy()).all()
