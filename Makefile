@@ -16,8 +16,8 @@ install: ## Install the requirements and this package (editable) into the active
 test: ## Fast tests (slow ones excluded; a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-full: ## All tests, slow ones included
-	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
+test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
+	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check src tests run.py
@@ -89,9 +89,11 @@ slurm-status: ## Progress of the latest SLURM sweep: records by status, jobs by 
 
 # A real single-node SLURM on this machine (root, Debian: installs slurm-wlm, munge, MariaDB),
 # then tests/slurm against it; scripts/slurm_local.sh stop ends the daemons it started.
-test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; a few minutes)
+SLURM_KEEP ?=
+test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; ~10 min; SLURM_KEEP=1 leaves it up)
 	bash scripts/slurm_local.sh start
-	$(PYTHON) -m pytest -m slurm tests/slurm $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m slurm tests/slurm $(PYTEST_ARGS); rc=$$?; \
+	$(if $(SLURM_KEEP),,bash scripts/slurm_local.sh stop;) exit $$rc
 
 REPORT_ARGS ?=
 report: ## Tables and plots of results/results.jsonl beside the paper's numbers, in reports/ (REPORT_ARGS="--sweep NAME --wandb")

@@ -90,6 +90,8 @@ DefMemPerCPU=$((mem / cpus))
 ReturnToService=2
 KillWait=$KILL_WAIT
 MinJobAge=600
+# Requeued jobs wait cred_expire s, then the next scheduling pass (default up to 60 s).
+SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/run/slurmctld.pid

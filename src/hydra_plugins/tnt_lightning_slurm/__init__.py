@@ -19,7 +19,6 @@ What it adds to ``submitit_slurm`` (hydra-submitit-launcher 1.2, submitit 1.5):
 Everything else, and the waiting until every job ends, is hydra-submitit's.
 """
 
-
 import logging
 import signal
 import time
@@ -159,7 +158,9 @@ class TntSlurmLauncher(SlurmLauncher):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.tnt_params = {
-            k: self.params.pop(k) for k in ("max_num_preempt", "signal_delay_max_fraction") if k in self.params
+            k: self.params.pop(k)
+            for k in ("max_num_preempt", "signal_delay_max_fraction")
+            if k in self.params
         }
         self.requested_signal_delay_s = self.params.get("signal_delay_s")
         self.preemptions = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, filter_overrides
+
 from hydra_plugins.tnt_lightning_slurm import TntSlurmLauncher
 
 # hydra-submitit's generic names -> sbatch's (as submitit's SlurmExecutor translates them).
