@@ -11,10 +11,10 @@ three ways, measured against a real slurmctld (README, "Sweeps, SLURM and W&B"):
   follows ``KillWait`` seconds later): submitit only logs it, and Lightning's ``fit`` would raise
   ``SIGTERMException`` at the next batch, elsewhere nothing would. :func:`watch_sigterm` asks
   slurmctld at once: a restart count one above ``SLURM_RESTART_COUNT`` means requeued, and it
-  raises :class:`SlurmRequeued` (a ``SystemExit``: submitit writes no result, so the waiting
-  launcher keeps waiting for the rerun); otherwise :class:`SlurmCancelled` (an ``Exception``:
-  Hydra records the job as failed and the launcher gets its result), so the run can write its
-  record before the SIGKILL.
+  raises :class:`SlurmRequeued`, otherwise :class:`SlurmCancelled`, so that the run stops at
+  once and writes its record before the SIGKILL. Both are ``SystemExit``s, which no
+  ``except Exception`` on the way can swallow; the launcher then writes no result for a requeued
+  attempt (the waiting launcher waits for the rerun) and a failed one for a cancelled job.
 
 :func:`interruption_status` turns what was noted into a record's status.
 """
@@ -43,7 +43,7 @@ class SlurmRequeued(SystemExit):
         super().__init__(f"SLURM job {job_id()}: {reason}; it will run again")
 
 
-class SlurmCancelled(Exception):
+class SlurmCancelled(SystemExit):
     """SIGTERM without a requeue: ``scancel``, or the time limit (this job does not run again)."""
 
 

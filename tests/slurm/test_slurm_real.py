@@ -28,10 +28,10 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["tnt", "dynamicvit", "none", "topk"]  # job index = position
 TIME_MIN = 5
-# Short recipes on 10 batches an epoch: TNT trains 12 epochs (about 2 min on one core), DynamicViT 2.
+# Short recipes on 10 batches an epoch: TNT trains 6 epochs (2-3 min on one loaded core), DynamicViT 2.
 RUN_ARGS = (
     f"method={','.join(METHODS)} keep_rate=0.5 measure.throughput=false skip_recorded=true "
-    "model.pretrain.epochs=1 +trainer.limit_train_batches=10 data.train_overrides.epochs=12 "
+    "model.pretrain.epochs=1 +trainer.limit_train_batches=10 data.train_overrides.epochs=6 "
     "+data.train_overrides.dynamicvit.epochs=2"
 )
 MAKE_VARS = ["GPUS=0", "CPUS=1", "MEM_GB=2", f"TIME_MIN={TIME_MIN}", f"ARGS={RUN_ARGS}"]
@@ -101,6 +101,15 @@ def env(cluster, tmp_path_factory):
     }
 
 
+@pytest.fixture
+def cleanup():
+    """Callables run at teardown, pass or fail (cancel the sweep's jobs, stop make)."""
+    steps: list = []
+    yield steps
+    for step in reversed(steps):
+        step()
+
+
 def make_slurm(env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         ["make", "--no-print-directory", "-C", str(REPO), "slurm", f"PYTHON={sys.executable}", *MAKE_VARS],
@@ -110,7 +119,7 @@ def make_slurm(env: dict[str, str], log: Path) -> subprocess.Popen:
     )
 
 
-def test_sweep_survives_requeue_timeout_and_cancel(env):
+def test_sweep_survives_requeue_timeout_and_cancel(env, cleanup):
     root = Path(env["TNT_ROOT"])
     # The backbone first, here, so that the jobs only evaluate and train methods.
     subprocess.run(
@@ -120,6 +129,7 @@ def test_sweep_survives_requeue_timeout_and_cancel(env):
     )  # fmt: skip
 
     make = make_slurm(env, root / "make-1.log")
+    cleanup.append(lambda: make.poll() is None and make.terminate())
     sweep_dir = wait_until(
         "the sweep's submission",
         lambda: next(iter((root / "outputs" / "multiruns").glob("*/.submitit")), None),
@@ -130,6 +140,7 @@ def test_sweep_survives_requeue_timeout_and_cancel(env):
         lambda: next((p.name.split("_")[0] for p in (sweep_dir / ".submitit").glob("*_0")), None),
         60,
     )
+    cleanup.append(lambda: subprocess.run(["scancel", array]))
     tnt, dynamicvit = Job(sweep_dir, f"{array}_0"), Job(sweep_dir, f"{array}_1")
 
     # scancel DynamicViT while it trains (inside its run, so it can write its record).
@@ -167,18 +178,14 @@ def test_sweep_survives_requeue_timeout_and_cancel(env):
     # TNT: three attempts, the later two resumed from last.ckpt, never from epoch 0 again.
     attempts = tnt.attempts()
     assert len(attempts) == 3, make_log[-3000:]
-    assert all("resuming tnt training from" in a and "last.ckpt" in a for a in attempts[1:]), attempts[1:]
+    for attempt in attempts[1:]:
+        resumed = re.search(r"resuming tnt training from epoch (\d+)", attempt)
+        assert resumed and int(resumed.group(1)) >= 1, "a requeued attempt did not resume from last.ckpt"
+        epochs = [int(e) for e in re.findall(r"Epoch (\d+):", attempt)]  # Lightning's progress bar
+        assert epochs and min(epochs) >= int(resumed.group(1)), f"it trained epochs {sorted(set(epochs))}"
     assert "this job is timed-out" in tnt.log()
     assert scontrol_job(tnt.id)["JobState"] == "COMPLETED"
     assert scontrol_job(dynamicvit.id)["JobState"] == "CANCELLED"
-    # Lightning's progress (stderr) after each restore: no attempt trained epoch 0 again.
-    restored = (
-        (tnt.folder / f"{tnt.id}_0_log.err").read_text().split("Restored all states from the checkpoint")
-    )
-    assert len(restored) == 3, "Lightning restored last.ckpt fewer than twice"
-    for piece in restored[1:]:
-        epochs = [int(e) for e in re.findall(r"Epoch (\d+):", piece)]
-        assert epochs and min(epochs) >= 1, f"a resumed attempt trained epochs {sorted(set(epochs))}"
 
     records = read_records(root / "results")
     check_records(records, {f"{array}_{i}" for i in range(len(METHODS))}, make_log)

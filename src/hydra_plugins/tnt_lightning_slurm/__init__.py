@@ -197,12 +197,33 @@ class TntSlurmLauncher(SlurmLauncher):
         return super().launch(job_overrides, initial_job_idx)
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        """Run one job (inside SLURM): note the signals the run gets, then hydra-submitit's job."""
+        """Run one job (inside SLURM), noting the signals it gets, with hydra-submitit's job.
+
+        An attempt that ends because the job was requeued never returns: whatever it raised
+        (SystemExit(-1) from submitit, or an error while closing W&B on the way out) becomes
+        :class:`~tnt_lightning.slurm.SlurmRequeued`, so submitit writes no result and the waiting
+        launcher waits for the rerun instead of taking this attempt as the job's end. A cancelled
+        attempt returns a failed JobReturn, so the launcher gets a result for it.
+        """
+        from hydra.core.utils import JobStatus
+
         from tnt_lightning import slurm
 
         self._started_at = time.time()
         slurm.watch_sigterm(signal.getsignal(signal.SIGTERM))
-        return super().__call__(*args, **kwargs)
+        try:
+            result = super().__call__(*args, **kwargs)
+        except slurm.SlurmCancelled as error:
+            result = JobReturn(overrides=list(args[0]), status=JobStatus.FAILED, _return_value=error)
+        except BaseException as error:
+            state = slurm.interruption()
+            if state is not None and state["requeued"]:
+                raise slurm.SlurmRequeued(state["reason"]) from error
+            raise
+        state = slurm.interruption()
+        if state is not None and state["requeued"]:
+            raise slurm.SlurmRequeued(state["reason"])
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit's USR2 handler on rank 0: the job to requeue, or None for no requeue.
