@@ -50,7 +50,7 @@ CPUS ?= 8
 MEM_GB ?= 64
 TIME_MIN ?= 240
 PARALLEL ?= 32
-SLURM_LOG_DIR ?= outputs/slurm
+SLURM_LOG_DIR ?= $(or $(TNT_ROOT),.)/outputs/slurm
 SLURM_TASKS = $(if $(filter 0,$(GPUS)),1,$(GPUS))
 SLURM_TRAINER = $(if $(filter 0,$(GPUS)),trainer=cpu,$(if $(filter 1,$(GPUS)),trainer=gpu,trainer=ddp trainer.devices=$(GPUS)))
 SLURM_ARGS = $(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(if $(ACCOUNT),hydra.launcher.account=$(ACCOUNT)) \

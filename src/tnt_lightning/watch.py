@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,11 @@ def latest_sweep_dir(log_dir: Path) -> Path | None:
 
 
 def sweep_job_ids(sweep_dir: Path) -> list[str]:
-    """SLURM ids (``<array>_<index>``) of the sweep's jobs, from submitit's per-job folders."""
-    folders = (sweep_dir / ".submitit").glob("*_*")
-    return sorted((p.name for p in folders if p.is_dir()), key=lambda j: [int(x) for x in j.split("_")])
+    """SLURM ids of the sweep's jobs (``<array>_<index>``, or ``<job>`` for a one-job sweep), from
+    submitit's per-job folders."""
+    names = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    ids = [n for n in names if re.fullmatch(r"\d+(_\d+)?", n)]
+    return sorted(ids, key=lambda j: [int(x) for x in j.split("_")])
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
