@@ -90,7 +90,7 @@ slurm-status: ## Progress of the latest SLURM sweep: records by status, jobs by 
 # A real single-node SLURM on this machine (root, Debian: installs slurm-wlm, munge, MariaDB),
 # then tests/slurm against it; scripts/slurm_local.sh stop ends the daemons it started.
 SLURM_KEEP ?=
-test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; ~10 min; SLURM_KEEP=1 leaves it up)
+test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; ~9 min; SLURM_KEEP=1 leaves it up)
 	@if [ "$$(id -u)" != 0 ]; then echo "test-slurm: skipped: it needs root (it installs and starts SLURM)"; exit 0; fi; \
 	bash scripts/slurm_local.sh start || exit 1; \
 	$(PYTHON) -m pytest -m slurm tests/slurm $(PYTEST_ARGS); rc=$$?; \
