@@ -3,7 +3,8 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean clean-all bench sweep slurm slurm-dry demo report
+.PHONY: help install test test-full lint clean clean-all bench sweep slurm slurm-dry slurm-submit slurm-status \
+	test-slurm demo report
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -15,8 +16,8 @@ install: ## Install the requirements and this package (editable) into the active
 test: ## Fast tests (slow ones excluded; a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-full: ## All tests, slow ones included
-	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
+test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
+	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
 
 lint: ## ruff
 	$(PYTHON) -m ruff check src tests run.py
@@ -38,28 +39,62 @@ bench: ## Speed of every method vs the unpruned DeiT-S, in one process (BENCH_AR
 SWEEP ?=
 ARGS ?=
 SWEEP_ARG = $(if $(SWEEP),+sweep=$(SWEEP))
-# SLURM resources (hydra/launcher=slurm); GPUS > 1 trains with Lightning DDP, one task per GPU.
-PARTITION ?=
-ACCOUNT ?=
+# SLURM (hydra/launcher=slurm). GPUS per node: 0 = a CPU job (trainer=cpu, no gres, one task),
+# 1 = trainer=gpu, N > 1 = Lightning DDP with one task per GPU (trainer=ddp trainer.devices=N).
+# CPUS and MEM_GB are per node (split over the tasks); they must fit the partition's nodes.
+# PARTITION/ACCOUNT default to $$SLURM_PARTITION/$$SLURM_ACCOUNT.
+PARTITION ?= $(SLURM_PARTITION)
+ACCOUNT ?= $(SLURM_ACCOUNT)
 GPUS ?= 1
 CPUS ?= 8
 MEM_GB ?= 64
 TIME_MIN ?= 240
 PARALLEL ?= 32
-SLURM_ARGS = hydra.launcher.partition=$(or $(PARTITION),null) hydra.launcher.account=$(or $(ACCOUNT),null) \
-	hydra.launcher.gpus_per_node=$(GPUS) hydra.launcher.cpus_per_task=$(CPUS) hydra.launcher.mem_gb=$(MEM_GB) \
-	hydra.launcher.timeout_min=$(TIME_MIN) hydra.launcher.array_parallelism=$(PARALLEL) \
-	$(if $(filter 1,$(GPUS)),trainer=gpu,trainer=ddp trainer.devices=$(GPUS))
+SLURM_LOG_DIR ?= $(or $(TNT_ROOT),.)/outputs/slurm
+SLURM_TASKS = $(if $(filter 0,$(GPUS)),1,$(GPUS))
+SLURM_TRAINER = $(if $(filter 0,$(GPUS)),trainer=cpu,$(if $(filter 1,$(GPUS)),trainer=gpu,trainer=ddp trainer.devices=$(GPUS)))
+SLURM_ARGS = $(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(if $(ACCOUNT),hydra.launcher.account=$(ACCOUNT)) \
+	hydra.launcher.gpus_per_node=$(GPUS) hydra.launcher.tasks_per_node=$(SLURM_TASKS) \
+	hydra.launcher.cpus_per_task=$$(( $(CPUS) / $(SLURM_TASKS) )) hydra.launcher.mem_gb=$(MEM_GB) \
+	hydra.launcher.timeout_min=$(TIME_MIN) hydra.launcher.array_parallelism=$(PARALLEL) $(SLURM_TRAINER)
+# What make can see is wrong before Python starts; the launcher checks the rest (0 CPUs per task...).
+SLURM_CHECK = @echo "$(GPUS)" | grep -Eqx '[0-9]+' || { echo "GPUS='$(GPUS)': must be a whole number of GPUs per node (0: a CPU job)"; exit 2; }; \
+	for v in CPUS=$(CPUS) MEM_GB=$(MEM_GB) TIME_MIN=$(TIME_MIN) PARALLEL=$(PARALLEL); do \
+	echo "$${v\#*=}" | grep -Eqx '[1-9][0-9]*' || { echo "$$v: must be a positive whole number"; exit 2; }; done; \
+	test $(CPUS) -ge $(SLURM_TASKS) || { echo "CPUS=$(CPUS) is fewer than the $(SLURM_TASKS) tasks of GPUS=$(GPUS): at least one CPU per task"; exit 2; }
+SLURM_RUN = $(PYTHON) run.py -m $(SWEEP_ARG) hydra/launcher=slurm $(SLURM_ARGS) $(ARGS)
 
 sweep: ## Run a sweep here, resumably (SWEEP=mnist_all ARGS="...")
 	@test -n "$(SWEEP)" || { echo "SWEEP=<name> is required; one of: $$(ls sweeps | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
 	$(PYTHON) run.py -m $(SWEEP_ARG) $(ARGS)
 
-slurm: ## Submit a sweep as a SLURM job array (SWEEP= PARTITION= GPUS= CPUS= MEM_GB= TIME_MIN= PARALLEL=)
-	$(PYTHON) run.py -m $(SWEEP_ARG) hydra/launcher=slurm $(SLURM_ARGS) $(ARGS)
+slurm: ## Submit a sweep as a SLURM job array and wait for its end (SWEEP= GPUS= CPUS= MEM_GB= TIME_MIN= PARTITION=)
+	$(SLURM_CHECK)
+	$(SLURM_RUN)
 
-slurm-dry: ## Print the exact sbatch submission of `make slurm` without submitting
+slurm-dry: ## Print the exact sbatch submission of `make slurm` without submitting (same checks)
+	$(SLURM_CHECK)
 	$(PYTHON) run.py -m $(SWEEP_ARG) hydra/launcher=slurm_dry $(SLURM_ARGS) $(ARGS)
+
+slurm-submit: ## `make slurm` in the background: submit, return at once, log in SLURM_LOG_DIR
+	$(SLURM_CHECK)
+	@mkdir -p $(SLURM_LOG_DIR); log=$(SLURM_LOG_DIR)/submit-$$(date +%Y%m%d-%H%M%S).log; \
+	nohup setsid $(SLURM_RUN) >$$log 2>&1 </dev/null & \
+	echo "submitting in the background (pid $$!); log: $$log"; \
+	echo "progress: make slurm-status (or: tail -f $$log)"
+
+WATCH_ARGS ?=
+slurm-status: ## Progress of the latest SLURM sweep: records by status, jobs by SLURM state (WATCH_ARGS="--follow 30")
+	$(PYTHON) -m tnt_lightning.watch $(WATCH_ARGS)
+
+# A real single-node SLURM on this machine (root, Debian: installs slurm-wlm, munge, MariaDB),
+# then tests/slurm against it; scripts/slurm_local.sh stop ends the daemons it started.
+SLURM_KEEP ?=
+test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; ~9 min; SLURM_KEEP=1 leaves it up)
+	@if [ "$$(id -u)" != 0 ]; then echo "test-slurm: skipped: it needs root (it installs and starts SLURM)"; exit 0; fi; \
+	bash scripts/slurm_local.sh start || exit 1; \
+	$(PYTHON) -m pytest -m slurm tests/slurm $(PYTEST_ARGS); rc=$$?; \
+	$(if $(SLURM_KEEP),,bash scripts/slurm_local.sh stop;) exit $$rc
 
 REPORT_ARGS ?=
 report: ## Tables and plots of results/results.jsonl beside the paper's numbers, in reports/ (REPORT_ARGS="--sweep NAME --wandb")

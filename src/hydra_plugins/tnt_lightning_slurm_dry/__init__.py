@@ -1,6 +1,7 @@
 """``hydra/launcher=slurm_dry``: print the exact SLURM submission of a sweep instead of submitting it.
 
-It takes the same settings as ``hydra/launcher=slurm`` (hydra-submitit-launcher) and renders the
+It takes the same settings as ``hydra/launcher=slurm`` (src/hydra_plugins/tnt_lightning_slurm),
+makes the same checks (what sbatch would refuse fails here with the reason), and renders the
 sbatch file that submitit would submit for the sweep's job array, with each job's overrides.
 Nothing is pickled or submitted, and no SLURM installation is needed (``make slurm-dry``).
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+from hydra_plugins.tnt_lightning_slurm import TntSlurmLauncher
 
 # hydra-submitit's generic names -> sbatch's (as submitit's SlurmExecutor translates them).
 GENERIC_TO_SBATCH = {
@@ -28,10 +30,11 @@ GENERIC_TO_SBATCH = {
 NOT_SBATCH = ("submitit_folder", "max_num_timeout")
 
 
-class SlurmDryLauncher(SlurmLauncher):
+class SlurmDryLauncher(TntSlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
+        self.check()
         params: dict[str, Any] = {
             GENERIC_TO_SBATCH.get(k, k): v for k, v in self.params.items() if k not in NOT_SBATCH
         }
@@ -45,6 +48,9 @@ class SlurmDryLauncher(SlurmLauncher):
             f"# slurm dry run: {len(job_overrides)} job(s) of sweep dir {self.config.hydra.sweep.dir}",
             f"# (an array of {len(job_overrides)}, at most {params.get('array_parallelism')} at a time);"
             " nothing was submitted",
+            f"# requeued up to {self.params['max_num_timeout']} time(s) after a time-out and"
+            f" {self.tnt_params['max_num_preempt']} after a preemption; USR2 {params['signal_delay_s']} s"
+            f" before the limit (asked: {self.requested_signal_delay_s} s)",
         ]
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             lines.append(f"#   job {idx}: python run.py {' '.join(filter_overrides(overrides))}")
