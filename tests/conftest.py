@@ -119,3 +119,13 @@ def default_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("default_run")
     proc = run_py([], root, timeout=900)
     return root, proc
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_interruption_left_over():
+    """What tnt_lightning.slurm noted about a signal is per process: no test sees another's."""
+    from tnt_lightning import slurm
+
+    slurm._interruption = None
+    yield
+    slurm._interruption = None

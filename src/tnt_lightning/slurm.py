@@ -66,9 +66,19 @@ def job_info() -> dict[str, Any] | None:
         "array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
         "array_task_id": int(task) if task else None,
         "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-        "submitit_folder": os.environ.get("SUBMITIT_FOLDER"),
+        "submitit_folder": os.environ.get("SUBMITIT_FOLDER") or _submitit_folder(),
         "node": os.environ.get("SLURMD_NODENAME"),
     }
+
+
+def _submitit_folder() -> str | None:
+    """The submitit log folder of the job this process runs, if submitit started it."""
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().paths.folder)
+    except Exception:
+        return None
 
 
 def interruption() -> dict[str, Any] | None:

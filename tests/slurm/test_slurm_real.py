@@ -200,7 +200,7 @@ def test_sweep_survives_requeue_timeout_and_cancel(env, cleanup):
     assert scontrol_job(tnt.id)["JobState"] == "COMPLETED"
     assert scontrol_job(dynamicvit.id)["JobState"] == "CANCELLED"
 
-    records = read_records(root / "results")
+    records = read_records(root / "results", history=True)  # every attempt, not only the current ones
     # Checked after the rerun, so that one failing part does not hide the others.
     problems = record_problems(records, {f"{array}_{i}" for i in range(len(METHODS))})
     ok_before = {r["run_id"] for r in records if r["status"] == "ok"}
@@ -209,7 +209,7 @@ def test_sweep_survives_requeue_timeout_and_cancel(env, cleanup):
     # The same submission again: what is recorded is skipped, the cancelled config runs.
     rerun = make_slurm(env, root / "make-2.log")
     assert rerun.wait(timeout=600) == 0, (root / "make-2.log").read_text()[-3000:]
-    records = read_records(root / "results")
+    records = read_records(root / "results", history=True)  # every attempt, not only the current ones
     by_method = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)

@@ -10,7 +10,6 @@ from .store import (
     append_record,
     read_records,
     results_path,
-    slurm_job,
 )
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "config_key",
     "read_records",
     "results_path",
-    "slurm_job",
 ]

@@ -34,6 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .. import slurm
 from ..config import UserError
 from .keys import CONFIG_KEY_VERSION, config_key
 
@@ -110,33 +111,9 @@ class Admission:
     running_elsewhere: dict[str, Any] | None = None  # the live claim of another job
 
 
-def slurm_job() -> dict[str, Any] | None:
-    """The SLURM job this process runs in (job id, array index, restart count, submitit folder)."""
-    env = os.environ
-    if "SLURM_JOB_ID" not in env:
-        return None
-    fields = {
-        "job_id": env.get("SLURM_JOB_ID"),
-        "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
-        "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
-        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
-        "node": env.get("SLURMD_NODENAME"),
-        "submitit_folder": env.get("SUBMITIT_FOLDER"),
-    }
-    with contextlib.suppress(Exception):
-        import submitit
-
-        job = submitit.JobEnvironment()
-        fields["submitit_job_id"] = job.job_id
-        fields["submitit_folder"] = fields["submitit_folder"] or str(job.paths.folder)
-    return fields
-
-
 def _same_slurm_job(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    if not a or not b:
-        return False
-    ids = ("array_job_id", "array_task_id") if a.get("array_job_id") else ("job_id",)
-    return all(a.get(k) == b.get(k) for k in ids)
+    """Both claims come from one SLURM job (its requeued attempts share the job id)."""
+    return bool(a and b and a.get("job_id") and a.get("job_id") == b.get("job_id"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -290,7 +267,7 @@ class ResultsStore:
             "host": socket.gethostname(),
             "started_at": time.time(),
             "results_offset": self.path.stat().st_size if self.path.exists() else 0,
-            "slurm": slurm_job(),
+            "slurm": slurm.job_info(),
         }
         with self.locked():
             if path.exists():

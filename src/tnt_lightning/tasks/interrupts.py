@@ -3,9 +3,10 @@
 SIGTERM (``scancel``, ``kill``, a scheduler's time-out) and SIGINT (Ctrl-C) raise
 :class:`JobInterrupted` in the running task; the task's record says ``interrupted`` and the
 process exits with 128 + the signal's number, so a sweep never ends with exit 0 and jobs left
-undone. Under submitit (``hydra/launcher=slurm``), its USR2 handler checkpoints, requeues the job
-and raises ``SystemExit(-1)``: that attempt is recorded as ``preempted`` (the requeued job resumes
-and records the outcome); a job submitit will not requeue again is ``timed_out``.
+undone. Under ``hydra/launcher=slurm``, :mod:`tnt_lightning.slurm` tells requeues from cancels:
+a requeued attempt (SIGTERM of ``scontrol requeue``, or submitit's USR2 requeue and its
+``SystemExit(-1)``) is recorded as ``preempted`` (the requeued job resumes and records the
+outcome), a cancelled one as ``interrupted``, and one submitit will not requeue again as ``timed_out``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import traceback
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
+
+from .. import slurm
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -46,7 +49,10 @@ def interruption_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    # Under hydra/launcher=slurm, SIGTERM is tnt_lightning.slurm's: it asks slurmctld whether the
+    # job was requeued or cancelled, and raises accordingly. Keep it.
+    ours = [s for s in STOP_SIGNALS if getattr(signal.getsignal(s), "__module__", "") != slurm.__name__]
+    previous = {s: signal.signal(s, _raise_interrupted) for s in ours}
     try:
         yield
     finally:
@@ -83,6 +89,9 @@ def outcome(exc: BaseException | None, tb: TracebackType | None) -> tuple[str, i
     """(record status, exit code to end the process with, or None to let the exception go on)."""
     if exc is None:
         return "ok", None
+    noted = slurm.interruption_status()  # SLURM requeued or cancelled the job: the launcher ends it
+    if noted is not None:
+        return noted, None
     if type(exc).__name__ == "UncompletedJobError" and _from_submitit(tb):
         return "timed_out", None
     for link in _chain(exc):

@@ -17,7 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..results import CONFIG_KEY_VERSION, ResultsStore, config_key, slurm_job
+from .. import slurm
+from ..results import CONFIG_KEY_VERSION, ResultsStore, config_key
 from .interrupts import outcome, signals_deferred
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class RunRecorder:
             "duration_s": round(time.time() - self._start, 2),
             "config_key": config_key(self.config),
             "config_key_version": CONFIG_KEY_VERSION,
-            "slurm": slurm_job(),
+            "slurm": slurm.job_info(),
             "config": self.config,
             "env": environment(self.details.get("throughput", {}).get("device")),
         }
