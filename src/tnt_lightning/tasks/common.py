@@ -95,6 +95,7 @@ def pretrain_fn(cfg: DictConfig):
                 module.reset_parameters()
         model.init_weights()
         datamodule = instantiate(recipe.data)
+        datamodule.check(("fit", "validate"))
         module = ImageClassifier(
             model, datamodule.num_classes, OptimConfig(**recipe.optim), label_smoothing=recipe.label_smoothing
         )
