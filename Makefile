@@ -3,14 +3,33 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean clean-all bench sweep slurm slurm-dry demo report
+.PHONY: help install lock check-data test test-full lint clean clean-all bench sweep slurm slurm-dry demo report
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-install: ## Install the requirements and this package (editable) into the active Python environment
-	$(PYTHON) -m pip install -r requirements.txt
-	$(PYTHON) -m pip install --no-deps -e .
+# LOCK= (empty) installs the newest releases pyproject allows instead of the tested ones.
+LOCK ?= requirements-lock.txt
+install: ## Install this package (editable) and its declared dependencies, at the tested versions (requirements-lock.txt)
+	$(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
+
+# `make lock`: the newest releases pyproject allows, into a fresh venv; the lock is rewritten only
+# if the fast suite passes there.
+LOCK_VENV ?= /tmp/tnt-lightning-lock-venv
+lock: ## Refresh requirements-lock.txt: fresh venv, newest allowed releases, fast tests, then pin them
+	rm -rf $(LOCK_VENV)
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev]"
+	$(MAKE) test PYTHON=$(LOCK_VENV)/bin/python
+	{ echo "# The set the fast suite last passed with (\`make lock\`, $$(date -u +%F), $$(uname -m), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# Used as constraints by \`make install\`: entries a platform does not need are ignored."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^tnt-lightning'; } > requirements-lock.txt.new
+	mv requirements-lock.txt.new requirements-lock.txt
+
+check-data: ## Decode every image of a folder dataset and list the bad ones (DATA=/path/to/dataset)
+	@test -n "$(DATA)" || { echo "DATA=/path/to/dataset is required"; exit 2; }
+	$(PYTHON) -m tnt_lightning.data.check $(DATA)
 
 test: ## Fast tests (slow ones excluded; a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
