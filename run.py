@@ -14,7 +14,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from tnt_lightning.quiet import quiet
     from tnt_lightning.tasks import run_task
+
+    quiet(cfg.get("verbose", False))
 
     run_task(cfg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,7 +34,9 @@ def wandb_run_fields(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
         f"task:{task}",
         *cfg.tags,
     ]
-    name = f"{task}-{cfg.model.name}-{cfg.method.name}-K{cfg.keep_rate}"
+    name = f"{task}-{cfg.model.name}"
+    if task != "pretrain":  # a pretraining prunes nothing: no method, no keep rate
+        name += f"-{cfg.method.name}" + ("" if cfg.method.name == "none" else f"-K{cfg.keep_rate}")
     return {"name": name, "tags": tags, "job_type": task}
 
 
@@ -58,7 +61,9 @@ def job_loggers(cfg: DictConfig) -> Iterator[list[Logger]]:
                 import wandb
 
                 if wandb.run is not None:
+                    run_folder = Path(wandb.run.dir).parent
                     wandb.finish()
+                    log.info("W&B run folder: %s", run_folder)
             else:
                 logger.finalize("success")
 
