@@ -71,3 +71,29 @@ def test_quiet_silences_lightning_info_and_verbose_leaves_it():
             assert any(f[1] is not None and "LeafSpec" in f[1].pattern for f in warnings.filters)
     finally:
         logger.setLevel(level)
+
+
+def test_training_progress_bar_shows_the_epoch_out_of_the_total(compose_cfg, capsys):
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tnt_lightning.tasks.common import make_trainer
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = compose_cfg("trainer=cpu")
+    trainer = make_trainer(cfg, max_epochs=3, enable_checkpointing=False)
+    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2))
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert "Epoch 1/3" in shown and "Epoch 3/3" in shown

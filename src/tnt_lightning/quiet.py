@@ -45,3 +45,15 @@ def quiet(verbose: bool = False) -> None:
     # Lightning's WandbLogger always passes `anonymous`, which W&B warns about while it reads its
     # settings, before WANDB_SILENT applies: make its console silent from the start.
     wandb.termsetup(wandb.Settings(silent=True), None)
+
+
+def epoch_of_total_bar():
+    """Lightning's progress bar, with the epoch out of the total ("Epoch 3/10", counted from 1)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class EpochOfTotalBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    return EpochOfTotalBar()

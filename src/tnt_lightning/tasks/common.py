@@ -84,6 +84,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overrides: Any) -> L.Trainer:
+    if cfg.trainer.get("enable_progress_bar", True):
+        from ..quiet import epoch_of_total_bar
+
+        overrides["callbacks"] = [*overrides.get("callbacks", []), epoch_of_total_bar()]
     return instantiate(cfg.trainer, logger=loggers, **overrides)
 
 
