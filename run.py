@@ -22,6 +22,9 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from tnt_lightning.quiet import quiet
+
+    quiet(cfg.get("verbose", False))
     hydra_cfg = HydraConfig.get()
     try:
         check_added_keys(list(hydra_cfg.overrides.task), cfg, str(CONF_DIR))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tnt_lightning.data import (
+    BadImageError,
     DataLayoutError,
     ImageFolderDataModule,
     MNISTDataModule,
@@ -134,3 +135,94 @@ def test_synthetic_data_has_no_labels_to_measure():
 def test_bad_batch_size_is_named(bad):
     with pytest.raises(ValueError, match=f"data.batch_size={bad}"):
         MNISTDataModule(batch_size=bad)
+
+
+def _damage(folder: Path) -> tuple[Path, Path]:
+    """A truncated JPEG and a file of garbage bytes named .jpg in the first class of val/."""
+    cls = folder / "val" / "n01440764"
+    truncated, garbage = cls / "truncated.JPEG", cls / "garbage.jpg"
+    data = (cls / "rgb.JPEG").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage.write_bytes(b"not an image at all" * 10)
+    return truncated, garbage
+
+
+def test_corrupt_image_fails_naming_its_file(tmp_path):
+    root = make_folder(tmp_path)
+    truncated, _ = _damage(root)
+    dm = ImageFolderDataModule(root=str(root), eval_batch_size=16, num_workers=0)
+    dm.setup("test")
+    with pytest.raises(BadImageError, match=r"cannot decode image .*(truncated|garbage).*on_bad_image=skip"):
+        next(iter(dm.test_dataloader()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_bad_images_are_logged_and_counted_once(tmp_path, caplog, workers):
+    root = make_folder(tmp_path)
+    truncated, garbage = _damage(root)
+    dm = ImageFolderDataModule(
+        root=str(root), eval_batch_size=4, num_workers=workers, on_bad_image="skip", pin_memory=False
+    )
+    dm.setup("test")
+    for _ in range(2):  # a second epoch meets the same files: still counted once
+        seen = sum(len(y) for _, y in dm.test_dataloader())
+    assert seen == 8  # 10 files, 2 left out
+    assert dm.bad_images == 2 and dm.bad_image_paths == sorted([str(garbage), str(truncated)])
+    if workers == 0:
+        assert sum("skipping" in r.message for r in caplog.records) == 2
+
+
+def test_bad_image_policy_is_checked():
+    with pytest.raises(ValueError, match=r"data.on_bad_image='ignore' is not one of \['fail', 'skip'\]"):
+        ImageFolderDataModule(root="/x", on_bad_image="ignore")
+
+
+def test_check_data_lists_the_bad_images(tmp_path, capsys):
+    from tnt_lightning.data.check import main
+
+    root = make_folder(tmp_path)
+    truncated, garbage = _damage(root)
+    assert main([str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {garbage}" in out and f"BAD {truncated}" in out
+    assert "18 images under" in out and "16 decode, 2 bad" in out
+    truncated.unlink(), garbage.unlink()
+    assert main([str(root), "--quiet"]) == 0
+
+
+def test_eval_split_falls_back_to_test_and_says_so(tmp_path, caplog):
+    make_folder(tmp_path, splits=("train", "test"))
+    dm = ImageFolderDataModule(root=str(tmp_path), num_workers=0)
+    with caplog.at_level("INFO"):
+        dm.check(("fit", "test"))
+    assert dm.splits == {"fit": "train", "validate": "test", "test": "test"}
+    assert any("evaluating on test/" in r.message for r in caplog.records)
+
+
+def test_split_names_are_configurable_and_missing_ones_say_how(tmp_path):
+    make_folder(tmp_path, splits=("training", "holdout"))
+    dm = ImageFolderDataModule(root=str(tmp_path), train_split="training", val_split="holdout", num_workers=0)
+    dm.check(("fit", "validate", "test"))
+    none_found = r"none of \['val', 'validation', 'test'\] exists.*data.val_split"
+    with pytest.raises(DataLayoutError, match=none_found):
+        ImageFolderDataModule(root=str(tmp_path), train_split="training", num_workers=0).check(("test",))
+    with pytest.raises(DataLayoutError, match=r"train'.*data.train_split=NAME"):
+        ImageFolderDataModule(root=str(tmp_path), val_split="holdout", num_workers=0).check(("fit",))
+
+
+def test_greyscale_small_images_follow_the_data_settings(tmp_path):
+    dm = ImageFolderDataModule(
+        root=str(make_folder(tmp_path)),
+        channels=1,
+        image_size=16,
+        crop_pct=1.0,
+        augment="light",
+        num_workers=0,
+        batch_size=4,
+        eval_batch_size=4,
+    )
+    assert dm.input_size == (1, 16, 16)
+    dm.setup("fit")
+    x, _ = next(iter(dm.train_dataloader()))
+    xe, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == xe.shape == (4, 1, 16, 16)

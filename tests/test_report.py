@@ -389,3 +389,21 @@ def test_budget_cli_overrides_for_all_or_one_method():
     }
     with pytest.raises(ValueError, match="tome"):
         _overrides(["tome:method.r=8"], ["evit"])
+
+
+def test_rows_with_random_or_local_weights_are_marked_and_not_compared(tmp_path):
+    from tnt_lightning.report.tables import build_groups, markdown_table
+
+    random_run = record("topk", 0.7, metrics={"acc1": 0.1, "gflops": 3.4})
+    random_run["details"]["weights"] = "random"
+    local_run = record("evit", 0.7, metrics={"acc1": 79.0, "gflops": 3.4})
+    local_run["details"]["weights"] = "checkpoint:/me/deit_s.pth"
+    hub_run = record("random", 0.7, metrics={"acc1": 70.0, "gflops": 3.4})
+    (group,) = build_groups([random_run, local_run, hub_run])
+    rows = {r.method: r for r in group.rows}
+    assert rows["topk"].weights == "random" and rows["topk"].diff("acc1", "acc_top1") is None
+    assert "random weights" in rows["topk"].paper_note
+    assert rows["evit"].weights == "local file /me/deit_s.pth" and "local file" in rows["evit"].paper_note
+    assert rows["random"].weights == "" and "weights" not in rows["random"].paper_note
+    table = markdown_table(group)
+    assert "topk (random weights)" in table and "evit (local file /me/deit_s.pth)" in table

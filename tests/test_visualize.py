@@ -181,3 +181,22 @@ def test_bad_settings_fail_before_any_model_is_built(override, message, tmp_path
     cfg = compose_config(["task=visualize", "method=topk", override], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_task(cfg)
+
+
+def test_learned_method_on_random_weights_is_refused_before_training(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the refusal")
+
+    monkeypatch.setattr("tnt_lightning.tasks.evaluate.create_model", no_model)
+    overrides = ["task=visualize", "method=tnt", "model=vit_mnist", "model.weights=random"]
+    refused = r"would first train tnt for 10 epochs .*random weights.*allow_random"
+    with pytest.raises(ConfigError, match=refused):
+        run_task(compose_config(overrides, tmp_path))
+
+
+def test_token_map_titles_say_when_weights_are_not_the_release():
+    from tnt_lightning.tasks.visualize import weights_label
+
+    assert weights_label("random") == " (random weights)"
+    assert weights_label("checkpoint:/me/my_deit.pth") == " (weights: my_deit.pth)"
+    assert weights_label("hub:deit_tiny_patch16_224") == "" and weights_label("pretrain:/c/x.pth") == ""

@@ -35,6 +35,7 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
     skip_recorded: bool = True
     paper_flops_compat: bool = False
+    verbose: bool = False  # library banners and harmless warnings (tnt_lightning.quiet)
     model: Any = MISSING
     method: Any = MISSING
     schedule: Any = MISSING

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -46,7 +48,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def check(self, stages: tuple[str, ...]) -> None:
         """Fail early, before any model is built, if the data for ``stages`` is not usable."""
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, collate_fn: Callable | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -55,4 +57,5 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
         )

@@ -2,71 +2,101 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
 import re
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torchvision import transforms
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 from ..config import UserError
 from .base import ClassificationDataModule
+from .transforms import AUGMENTATIONS, deit_eval_transform, train_transform
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
+# Tried in this order when the configured evaluation split (``val``) is absent.
+EVAL_SPLIT_FALLBACKS = ("val", "validation", "test")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+# What a damaged or truncated file raises while PIL decodes it.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataLayoutError(UserError, ValueError):
     """The data folder is missing, laid out wrongly, or has an empty split."""
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode any image file to RGB.
+class BadImageError(OSError):
+    """An image file of the dataset cannot be decoded; the message names the file."""
+
+
+def load_rgb(path: str, mode: str = "RGB") -> Image.Image:
+    """Decode any image file to ``mode`` (RGB, or L for one-channel models).
 
     PIL identifies the format from the file's bytes, not its name, so a PNG saved as ``.JPEG``
-    (there are some in ImageNet) decodes; CMYK, greyscale and palette images become RGB.
+    (there are some in ImageNet) decodes; CMYK, greyscale and palette images are converted.
+    A file that cannot be decoded raises :class:`BadImageError` naming it.
     """
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return image.convert("RGB")
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert(mode)
+    except DECODE_ERRORS as e:
+        raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
-def deit_eval_transform(
-    image_size: int = 224, crop_pct: float = 0.875, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
-) -> transforms.Compose:
-    """DeiT's evaluation transform: bicubic resize to 256 (= 224 / 0.875), centre crop 224, normalise."""
-    return transforms.Compose(
-        [
-            transforms.Resize(int(image_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+class CheckedImageFolder(ImageFolder):
+    """An ImageFolder whose unreadable images fail with their path, or are skipped and counted.
+
+    Skipped samples come back as ``None`` and :func:`collate_decoded` drops them from the batch. The
+    flags of skipped samples live in shared memory, so DataLoader workers' skips are counted too,
+    each file once however many epochs meet it.
+    """
+
+    def __init__(self, root: str, transform: Any, mode: str, on_bad_image: str) -> None:
+        super().__init__(root, transform=transform, loader=partial(load_rgb, mode=mode))
+        self.on_bad_image = on_bad_image
+        self._bad = multiprocessing.get_context().RawArray("b", len(self.samples))
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except BadImageError as e:
+            if self.on_bad_image == "fail":
+                raise BadImageError(f"{e} (data.on_bad_image=skip leaves such files out)") from e
+            if not self._bad[index]:
+                self._bad[index] = 1
+                log.warning("skipping %s (data.on_bad_image=skip)", e)
+            return None
+
+    @property
+    def bad_paths(self) -> list[str]:
+        return [self.samples[i][0] for i, flag in enumerate(self._bad) if flag]
 
 
-def deit_train_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """DeiT's training augmentation through timm (RandAugment m9, colour jitter 0.3, random erasing 0.25)."""
-    return create_transform(
-        input_size=image_size,
-        is_training=True,
-        color_jitter=0.3,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        interpolation="bicubic",
-        re_prob=0.25,
-        re_mode="pixel",
-        re_count=1,
-        mean=mean,
-        std=std,
-    )
+def collate_decoded(batch: list) -> Any:
+    """Default collation of the samples that decoded (skipped ones are ``None``)."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        raise BadImageError(f"none of the {len(batch)} images of a batch could be decoded (see the log)")
+    return default_collate(kept)
 
 
 class ImageFolderDataModule(ClassificationDataModule):
-    """``<root>/train`` and ``<root>/val``, one sub-folder per class.
+    """``<root>/<train_split>`` and ``<root>/<val_split>``, one sub-folder per class.
 
-    With ``imagenet: true`` the layout must be ImageNet-1K's: 1000 WordNet-id folders per split.
+    ``val_split`` null (the default) takes the first of ``val``, ``validation``, ``test`` present,
+    and says which. With ``imagenet: true`` the layout must be ImageNet-1K's: 1000 WordNet-id
+    folders per split. ``channels``, ``image_size`` and ``crop_pct`` are the data's (``input_size``):
+    a backbone that follows the data is built for them, a fixed-size one must agree.
     """
 
     def __init__(
@@ -75,11 +105,15 @@ class ImageFolderDataModule(ClassificationDataModule):
         name: str = "imagefolder",
         imagenet: bool = False,
         train_split: str = "train",
-        val_split: str = "val",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        channels: int = 3,
         image_size: int = 224,
         crop_pct: float = 0.875,
-        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        augment: str = "deit",
+        on_bad_image: str = "fail",
+        mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 8,
@@ -89,21 +123,63 @@ class ImageFolderDataModule(ClassificationDataModule):
         super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         if root is None or str(root) in ("", "???"):
             raise DataLayoutError(
-                f"data={name} needs data.root=/path/to/dataset (with {train_split}/ and {val_split}/)"
+                f"data={name} needs data.root=/path/to/dataset (with {train_split}/ and val/)"
             )
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"data.augment={augment!r} is not one of {list(AUGMENTATIONS)}")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r} is not one of {list(BAD_IMAGE_POLICIES)}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels!r} must be 1 (greyscale) or 3 (RGB)")
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"data.image_size={image_size!r} must be a positive integer")
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"data.crop_pct={crop_pct!r} must be in (0, 1]")
         self.root = Path(root).expanduser()
         self.imagenet = imagenet
-        self.splits = {"fit": train_split, "validate": val_split, "test": val_split}
-        self.image_size, self.crop_pct = image_size, crop_pct
+        self.train_split = train_split
+        self._val_split, self._test_split = val_split, test_split
+        self.channels, self.image_size, self.crop_pct = channels, image_size, crop_pct
+        self.augment, self.on_bad_image = augment, on_bad_image
+        if len(mean) != channels or len(std) != channels:
+            mean, std = _per_channel(mean, channels), _per_channel(std, channels)
         self.mean, self.std = tuple(mean), tuple(std)
         self._classes: list[str] | None = None
-        self._datasets: dict[str, ImageFolder] = {}
+        self._datasets: dict[str, CheckedImageFolder] = {}
+
+    @property
+    def splits(self) -> dict[str, str]:
+        """Folder name per Lightning stage; the evaluation split is found on first use."""
+        val = self._val_split or self._find_eval_split()
+        return {"fit": self.train_split, "validate": val, "test": self._test_split or val}
+
+    def _find_eval_split(self) -> str:
+        present = [s for s in EVAL_SPLIT_FALLBACKS if (self.root / s).is_dir()]
+        if not present:
+            return EVAL_SPLIT_FALLBACKS[0]  # _check_split then says what the root holds
+        if present[0] != EVAL_SPLIT_FALLBACKS[0]:
+            log.info("data: no val/ under %s; evaluating on %s/ (data.val_split=...)", self.root, present[0])
+        self._val_split = present[0]
+        return present[0]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
 
     @property
     def num_classes(self) -> int:
         if self._classes is None:
             self._classes = self._check_split(self.splits["test"])
         return len(self._classes)
+
+    @property
+    def bad_images(self) -> int:
+        """How many images were skipped as undecodable so far (``data.on_bad_image=skip``)."""
+        return len(self.bad_image_paths)
+
+    @property
+    def bad_image_paths(self) -> list[str]:
+        return sorted({p for d in self._datasets.values() for p in d.bad_paths})
 
     def check(self, stages: tuple[str, ...]) -> None:
         if not self.root.is_dir():
@@ -122,8 +198,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         folder = self.root / split
         if not folder.is_dir():
             present = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+            hint = ""
+            if split == self.splits["validate"] and self._val_split is None:
+                hint = f" (none of {list(EVAL_SPLIT_FALLBACKS)} exists: name yours with data.val_split=NAME)"
+            elif split == self.train_split:
+                hint = " (name yours with data.train_split=NAME)"
             raise DataLayoutError(
-                f"expected a split folder {str(folder)!r}; {str(self.root)!r} contains {present[:10]}"
+                f"expected a split folder {str(folder)!r}; {str(self.root)!r} contains {present[:10]}{hint}"
             )
         classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
         loose = [
@@ -153,20 +234,28 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         return classes
 
+    def transform(self, train: bool):
+        """The transform of the training split (``data.augment``) or of the evaluation splits."""
+        if train:
+            return train_transform(self.augment, self.image_size, self.crop_pct, self.mean, self.std)
+        return deit_eval_transform(self.image_size, self.crop_pct, self.mean, self.std)
+
     def setup(self, stage: str | None = None) -> None:
         for s in ("fit", "test") if stage is None else (stage,):
             split = self.splits.get(s, self.splits["test"])
             if split in self._datasets:
                 continue
-            train = s == "fit"
-            transform = (
-                deit_train_transform(self.image_size, self.mean, self.std)
-                if train
-                else deit_eval_transform(self.image_size, self.crop_pct, self.mean, self.std)
+            self._datasets[split] = CheckedImageFolder(
+                str(self.root / split),
+                transform=self.transform(train=s == "fit"),
+                mode="L" if self.channels == 1 else "RGB",
+                on_bad_image=self.on_bad_image,
             )
-            self._datasets[split] = ImageFolder(str(self.root / split), transform=transform, loader=load_rgb)
         if stage == "fit":
             self.setup("validate")
+
+    def _loader(self, dataset, train: bool):
+        return super()._loader(dataset, train, collate_fn=collate_decoded)
 
     def train_dataloader(self):
         return self._loader(self._datasets[self.splits["fit"]], train=True)
@@ -176,6 +265,31 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def test_dataloader(self):
         return self._loader(self._datasets[self.splits["test"]], train=False)
+
+
+def weights_relevant(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A data config without the keys that cannot change what a model trained on it learns.
+
+    Used by the backbone cache key: workers, pinned memory, evaluation batch size, the bad-image
+    policy and the learned methods' recipe changes are left out.
+    """
+    if not data:
+        return data
+    ignored = {
+        "num_workers",
+        "pin_memory",
+        "eval_batch_size",
+        "on_bad_image",
+        "train_overrides",
+    }
+    return {k: v for k, v in data.items() if k not in ignored}
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """ImageNet's RGB statistics for a greyscale dataset: their mean over the channels."""
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values) * channels if len(values) == 1 else tuple(values)
 
 
 def _has_image(folder: Path) -> bool:

@@ -71,8 +71,15 @@ class MNISTDataModule(ClassificationDataModule):
         train_per_class: int = 400,
         max_shift: int = 0,
         train_overrides: dict | None = None,
+        channels: int = 1,
+        image_size: int = 28,
     ) -> None:
         super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
+        if (channels, image_size) != (1, 28):
+            raise ValueError(
+                f"data=mnist is 1x28x28 digits: data.channels={channels} data.image_size={image_size} "
+                f"cannot be changed"
+            )
         if not 0 < train_per_class < 500:
             raise ValueError(
                 f"data.train_per_class={train_per_class} must be in 1..499 (500 digits per class)"

@@ -14,6 +14,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
+from ..data.folder import weights_relevant
 from .artefact_io import checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
 from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
@@ -27,6 +28,8 @@ PretrainFn = Callable[[VisionTransformer, BackboneSpec], dict[str, Any]]
 def pretrain_key(spec: BackboneSpec) -> str:
     """Hash of everything that determines pretrained weights: architecture, classes, input, recipe."""
     recipe = OmegaConf.to_container(OmegaConf.create(spec.pretrain), resolve=True)
+    if "data" in recipe:  # workers, eval batch size ... of the training data change no weight
+        recipe["data"] = weights_relevant(recipe["data"])
     blob = {
         "name": spec.name,
         "arch": dict(spec.arch),

@@ -307,6 +307,7 @@ class Row:
     pareto_gflops: bool = False
     pareto_throughput: bool = False
     variant: str = ""  # config keys that tell apart rows with the same method and setting
+    weights: str = ""  # "random" or "local file ..." when the backbone was not the named model's
 
     @property
     def n(self) -> int:
@@ -320,7 +321,7 @@ class Row:
         """The paper's printed ``acc_top1``/``gflops``/``throughput_img_s`` (accuracy on ImageNet only)."""
         if self.paper is None or not self.paper.row[key]:
             return None
-        if key == "acc_top1" and self.data != PAPER_DATA:
+        if key == "acc_top1" and (self.data != PAPER_DATA or self.weights == "random"):
             return None
         return float(self.paper.row[key])
 
@@ -378,6 +379,23 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): json.dumps(value, default=str)}
+
+
+def weights_mark(records: Sequence[dict[str, Any]]) -> str:
+    """ "random" when any run of a row had random weights, "local file PATH" for a user checkpoint."""
+    sources = [str((r.get("details") or {}).get("weights", "")) for r in records]
+    if any(s.startswith("random") for s in sources):
+        return "random"
+    files = sorted({s.split(":", 1)[1] for s in sources if s.startswith("checkpoint:")})
+    return f"local file {', '.join(files)}" if files else ""
+
+
+def _weights_note(row: Row) -> str:
+    if row.weights == "random" and row.mean("acc1") is None:
+        return ""  # a cost-only run: GFLOPs and speed do not depend on the weights
+    if row.weights == "random":
+        return "random weights (model.weights=random or cost-only): accuracy is not compared to the paper"
+    return f"weights from a {row.weights} (model.checkpoint), not the named release" if row.weights else ""
 
 
 def _mark_variants(rows: Sequence[Row]) -> None:
@@ -440,6 +458,8 @@ def build_groups(records: Sequence[dict[str, Any]]) -> list[Group]:
                 method_config = (row.records[0].get("config") or {}).get("method") or {}
                 notes = [row.paper_note, option_mismatch(row.paper, method_config)]
                 row.paper_note = "; ".join(n for n in notes if n)
+            row.weights = weights_mark(row.records)
+            row.paper_note = "; ".join(n for n in (row.paper_note, _weights_note(row)) if n)
         _mark_variants(group.rows)
         _mark_pareto(group.rows)
         group.rows.sort(key=_row_order)
@@ -581,9 +601,12 @@ def markdown_table(group: Group) -> str:
         if row.paper_note:
             notes.append(row.paper_note)
             paper += f" [{len(notes)}]"
+        method = row.method
+        if row.weights and row.mean("acc1") is not None:
+            method += " (random weights)" if row.weights == "random" else f" ({row.weights})"
         cells = [
             row.setting.label,
-            row.method,
+            method,
             _mean_std(row.stats.get("acc1"), ".2f"),
             _mean_std(row.stats.get("acc5"), ".2f"),
             _gflops(row.mean("gflops")),

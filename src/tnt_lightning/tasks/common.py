@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,7 +34,9 @@ def wandb_run_fields(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
         f"task:{task}",
         *cfg.tags,
     ]
-    name = f"{task}-{cfg.model.name}-{cfg.method.name}-K{cfg.keep_rate}"
+    name = f"{task}-{cfg.model.name}"
+    if task != "pretrain":  # a pretraining prunes nothing: no method, no keep rate
+        name += f"-{cfg.method.name}" + ("" if cfg.method.name == "none" else f"-K{cfg.keep_rate}")
     return {"name": name, "tags": tags, "job_type": task}
 
 
@@ -67,7 +70,9 @@ def close_logger(logger: Logger) -> None:
             import wandb
 
             if wandb.run is not None:
+                run_folder = Path(wandb.run.dir).parent
                 wandb.finish()
+                log.info("W&B run folder: %s", run_folder)
         else:
             logger.finalize("success")
     except Exception as e:
@@ -97,6 +102,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overrides: Any) -> L.Trainer:
+    if cfg.trainer.get("enable_progress_bar", True):
+        from ..quiet import epoch_of_total_bar
+
+        overrides["callbacks"] = [*overrides.get("callbacks", []), epoch_of_total_bar()]
     return instantiate(cfg.trainer, logger=loggers, **overrides)
 
 
@@ -113,6 +122,7 @@ def pretrain_fn(cfg: DictConfig):
                 module.reset_parameters()
         model.init_weights()
         datamodule = instantiate(recipe.data)
+        datamodule.check(("fit", "validate"))
         module = ImageClassifier(
             model, datamodule.num_classes, OptimConfig(**recipe.optim), label_smoothing=recipe.label_smoothing
         )

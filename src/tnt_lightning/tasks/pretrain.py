@@ -24,6 +24,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                 f"model={spec.name} has no pretrain recipe (model.pretrain); task=pretrain trains the "
                 f"small offline backbones (vit_mnist, vit_mnist_meanpool)"
             )
+        check_recipe_data(spec, cfg)
         metrics: dict[str, Any] = {}
 
         def train_and_keep(model, spec_):
@@ -38,3 +39,15 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     print(format_summary(recorder.record))
     print(f"  weights: {path}\n  results: {results_path(cfg.paths.results_dir)}")
     return recorder.record
+
+
+def check_recipe_data(spec: BackboneSpec, cfg: DictConfig) -> None:
+    """A backbone whose recipe names its own data (vit_mnist: MNIST) refuses to be recorded as
+    trained on another ``data``; ``model=vit_scratch`` trains on the configured one."""
+    recipe_target = (spec.pretrain.get("data") or {}).get("_target_")
+    if recipe_target and recipe_target != cfg.data.get("_target_"):
+        raise ConfigError(
+            f"model={spec.name} is pretrained on its own data ({recipe_target.rsplit('.', 1)[-1]}, "
+            f"model.pretrain.data), not data={cfg.data.name}: use model=vit_scratch (or vit_scratch_small) "
+            f"to pretrain a backbone on data={cfg.data.name}"
+        )

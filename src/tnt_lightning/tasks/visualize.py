@@ -84,6 +84,40 @@ def select_images(
     return torch.stack([dataset[i][0] for i in indices]), indices
 
 
+def announce_training(cfg: DictConfig, spec: BackboneSpec) -> None:
+    """A learned method is trained before it can be drawn: say so, with its epochs, and refuse it on a
+    backbone with random weights (its maps would show nothing) unless ``visualize.allow_random_weights``."""
+    if "train" not in cfg.method:
+        return
+    from .train import recipe
+
+    epochs = int(recipe(cfg).epochs)
+    random_weights = spec.weights == "random" and not spec.checkpoint
+    if random_weights and not cfg.visualize.get("allow_random_weights", False):
+        raise ConfigError(
+            f"task=visualize method={cfg.method.name} would first train {cfg.method.name} for {epochs} "
+            f"epochs on model={spec.name} with random weights (model.weights=random), whose token maps "
+            f"mean nothing: give weights (model.checkpoint=PATH), or visualize.allow_random_weights=true"
+        )
+    log.warning(
+        "task=visualize needs a trained %s: unless it is already in %s, it trains first, %d epochs "
+        "(method.train.epochs; as long as task=train method=%s)",
+        cfg.method.name,
+        Path(cfg.paths.cache_dir) / "methods",
+        epochs,
+        cfg.method.name,
+    )
+
+
+def weights_label(weights: str) -> str:
+    """What the figure's title says about weights that are not the named model's release."""
+    if weights.startswith("random"):
+        return " (random weights)"
+    if weights.startswith("checkpoint:"):
+        return f" (weights: {Path(weights.split(':', 1)[1]).name})"
+    return ""
+
+
 def describe(cfg: DictConfig, schedule: dict[str, Any]) -> str:
     """The figure's title: model, method, where it acts and how much it keeps."""
     rates = schedule["rates"]
@@ -117,6 +151,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         mean, std = image_stats(datamodule)
         datamodule.check((SPLITS[settings.split],))
         check_data_fits_model(datamodule, spec)
+        announce_training(cfg, spec)
 
         model = build_pruned_model(cfg, spec, datamodule.has_labels, loggers, recorder, trace_sources=True)
 
@@ -130,7 +165,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         steps = [(f"{loc}\n{source.shape[1] - prefix} tokens", source) for loc, source in trace]
 
         schedule = recorder.fields["schedule"]
-        title = describe(cfg, schedule)
+        title = describe(cfg, schedule) + weights_label(str(recorder.details.get("weights", "")))
         name = f"{spec.name}_{cfg.method.name}_{schedule['name']}_K{cfg.keep_rate}.png"
         path = draw_token_maps(
             to_rgb(images, mean, std),
