@@ -236,3 +236,34 @@ def container(cfg) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+KEYS_ADDED_SINCE_V2 = [
+    "data.on_bad_image", "data.train_split", "data.val_split", "data.test_split", "data.augment",
+    "data.channels", "data.image_size", "model.trust_pickle", "method.trust_pickle",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=topk"],
+        ["data=imagenet", "data.root=/x", "model=deit_small_distilled"],
+        ["data=imagefolder", "data.root=/x"],
+    ],
+)
+def test_records_from_before_the_new_data_and_loading_keys_keep_their_key(overrides, tmp_path):
+    """A config as the project wrote it before the split, augmentation, bad-image and trust keys
+    existed has the key of today's config at their defaults."""
+    new = container(compose_config(overrides, tmp_path))
+    old = json.loads(json.dumps(new))
+    for dotted in KEYS_ADDED_SINCE_V2:
+        *parents, leaf = dotted.split(".")
+        node = old
+        for part in parents:
+            node = node[part]
+        if not (dotted == "data.image_size" and new["data"]["name"] != "mnist"):  # there before
+            node.pop(leaf, None)
+    assert config_key(new) == config_key(old)
+    new["data"]["augment"] = "none"
+    assert config_key(new) != config_key(old)

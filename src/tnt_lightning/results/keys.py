@@ -30,22 +30,37 @@ TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorde
 DATA_HOW = ("root", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
 TRAINER_OUTCOME = ("precision", "accumulate_grad_batches", "gradient_clip_val", "deterministic")
 TRAINING_TASKS = ("train", "train_eval", "pretrain")
-# dotted key -> the default at which it is left out of the key.
-NEUTRAL_DEFAULTS: dict[str, Any] = {
-    "data.on_bad_image": "fail",
-    "model.trust_pickle": False,
-    "method.trust_pickle": False,
+# Keys added after config_key v2's first records: dotted key -> the values at which it is left out
+# (the behaviour before it existed), as a tuple, or per data set name ("*": any other).
+NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
+    "data.on_bad_image": ("fail",),
+    "data.train_split": ("train",),
+    "data.val_split": ("val", None),
+    "data.test_split": (None,),
+    "data.augment": ("deit",),
+    "data.channels": {"mnist": 1, "*": 3},
+    "data.image_size": {"mnist": 28},
+    "model.trust_pickle": (False,),
+    "method.trust_pickle": (False,),
+    "visualize.allow_random_weights": (False,),
 }
 
 
-def _drop(config: dict[str, Any], dotted: str, default: Any) -> None:
+def _neutral_values(config: dict[str, Any], neutral: tuple | dict[str, Any]) -> tuple:
+    if isinstance(neutral, tuple):
+        return neutral
+    data_name = (config.get("data") or {}).get("name")
+    return (neutral[data_name],) if data_name in neutral else ((neutral["*"],) if "*" in neutral else ())
+
+
+def _drop_neutral(config: dict[str, Any], dotted: str, neutral: tuple | dict[str, Any]) -> None:
     *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
         node = node.get(part)
         if not isinstance(node, dict):
             return
-    if leaf in node and node[leaf] == default:
+    if leaf in node and node[leaf] in _neutral_values(config, neutral):
         del node[leaf]
 
 
@@ -71,8 +86,8 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         kept["trainer"] = {k: trainer[k] for k in TRAINER_OUTCOME if k in trainer}
         if kept.get("task") in TRAINING_TASKS:
             kept["trainer"]["world_size"] = _world_size(trainer)
-    for dotted, default in NEUTRAL_DEFAULTS.items():
-        _drop(kept, dotted, default)
+    for dotted, neutral in NEUTRAL_DEFAULTS.items():
+        _drop_neutral(kept, dotted, neutral)
     return kept
 
 

@@ -97,6 +97,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
             (result,) = trainer.test(ImageClassifier(model, datamodule.num_classes), datamodule=datamodule)
             recorder.metrics.update(acc1=result["test/acc1"], acc5=result["test/acc5"])
+            if getattr(datamodule, "bad_images", 0):  # data.on_bad_image=skip left these out
+                recorder.details["bad_images"] = datamodule.bad_images
+                recorder.details["bad_image_paths"] = [str(p) for p in datamodule.bad_image_paths]
         if cfg.measure.throughput:
             device = resolve_device(cfg.measure.device)
             tp = measure_throughput(
