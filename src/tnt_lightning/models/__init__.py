@@ -10,7 +10,7 @@ from .backbones import (
     set_fused_attn,
 )
 from .checkpoint import load_backbone_state, read_state_dict
-from .provider import ensure_pretrained, load_weights, pretrained_path
+from .provider import ensure_pretrained, load_weights, pretrain_workdir, pretrained_path
 
 __all__ = [
     "BackboneSpec",
@@ -22,6 +22,7 @@ __all__ = [
     "ensure_pretrained",
     "load_backbone_state",
     "load_weights",
+    "pretrain_workdir",
     "pretrained_path",
     "read_state_dict",
     "set_fused_attn",

@@ -25,14 +25,13 @@ import lightning as L
 import torch
 from filelock import FileLock
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
 from ..engine import apply_reducer, backbone_info
-from ..lit import OptimConfig, TokenReductionModule
+from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..methods import LearnedReducer, build_reducer
 from ..models import BackboneSpec, create_model, load_weights, pretrained_path, read_state_dict
 from .common import make_trainer, pretrain_fn
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TRAINED_FILE = "trained.pth"
 # Recipe keys that do not change the trained parameters.
-RECIPE_VOLATILE = ("auto", "val_keep_rate")
+RECIPE_VOLATILE = ("auto", "val_keep_rate", "checkpoint_every_n_steps")
 DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
 
 
@@ -124,7 +123,7 @@ def fit(
     datamodule = instantiate(cfg.data)
     datamodule.batch_size = int(rec.batch_size)
     datamodule.check(("fit", "validate"))
-    checkpoints = ModelCheckpoint(dirpath=workdir, save_last=True, save_top_k=0, every_n_epochs=1)
+    checkpoints = LastCheckpoint(workdir, every_n_steps=int(rec.get("checkpoint_every_n_steps") or 0))
     trainer = make_trainer(
         cfg,
         loggers,
@@ -151,10 +150,18 @@ def fit(
         mixup=rec.mixup,
         cutmix=rec.cutmix,
     )
-    last = workdir / "last.ckpt"
-    if last.exists():
-        log.warning("resuming %s training from %s", reducer.name, last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    start = checkpoints.resume_point()
+    if start is not None:
+        log.warning(
+            "resuming %s training from epoch %d of %d (step %d, %s)",
+            reducer.name,
+            start["epochs_done"],
+            int(rec.epochs),
+            start["global_step"],
+            checkpoints.path,
+        )
+    ckpt_path = str(checkpoints.path) if start is not None else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {
         "val_acc1": val["val/acc1"],
@@ -162,6 +169,8 @@ def fit(
         "lr": lr,
         "total_batch": total_batch,
         "epochs": int(rec.epochs),
+        "resumed_from_epoch": start["epochs_done"] if start is not None else None,
+        "resumed_from_step": start["global_step"] if start is not None else None,
     }
     return reducer, metrics
 
@@ -344,6 +353,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         path, trained_now = ensure_trained(cfg, spec, reducer, loggers)
         saved = torch.load(path, map_location="cpu", weights_only=True)
         recorder.details.update(trained=str(path), trained_now=trained_now, training=saved["metrics"])
+        # where this run's training started: a killed run's rerun resumes from its last.ckpt
+        resumed = saved["metrics"].get("resumed_from_epoch")
+        recorder.details["resumed_from_epoch"] = resumed if trained_now else None
         recorder.metrics.update(
             acc1=saved["metrics"]["val_acc1"], acc1_full=saved["metrics"]["val_acc1_full"]
         )
