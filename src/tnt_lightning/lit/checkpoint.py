@@ -106,7 +106,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.global_step == self._saved_step:
             return
         partial = self.dirpath / f".{LAST}.partial"
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the whole training state
         if trainer.is_global_zero:
             with open(partial, "rb") as f:
                 os.fsync(f.fileno())

@@ -117,6 +117,9 @@ def fit(
     train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
     model = create_model(train_spec)
     load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg))
+    # Seeded again: pretraining a missing backbone just now drew from the same generators, and the
+    # method's initial parameters and training draws must not depend on whether it was cached.
+    L.seed_everything(cfg.seed, workers=True)
     tcfg = training_config(cfg)
     reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
     apply_reducer(model, reducer)
