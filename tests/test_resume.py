@@ -30,9 +30,9 @@ from tnt_lightning.results import read_records
 from tnt_lightning.tasks import common, train
 from tnt_lightning.tasks.common import pretrain_fn
 
-EPOCHS = 4
-# A small run: 50 digits per class (4 steps of 128 per epoch), validation on one batch of 100.
-SMALL_DATA = ["+data.train_per_class=50", "data.eval_batch_size=100", "+trainer.limit_val_batches=1"]
+EPOCHS = 3
+# A small run: 30 digits per class (2 steps of 128 per epoch), validation on one batch of 100.
+SMALL_DATA = ["+data.train_per_class=30", "data.eval_batch_size=100", "+trainer.limit_val_batches=1"]
 SMALL_BACKBONE = ["model.pretrain.epochs=1", "+model.pretrain.data.train_per_class=20"]
 TRAIN_ARGS = [
     "task=train",
@@ -44,7 +44,7 @@ TRAIN_ARGS = [
 PRETRAIN_ARGS = [
     "task=pretrain",
     f"model.pretrain.epochs={EPOCHS}",
-    "+model.pretrain.data.train_per_class=50",
+    "+model.pretrain.data.train_per_class=30",
     "model.arch.depth=2",
     "+trainer.limit_val_batches=1",
 ]
@@ -115,7 +115,7 @@ def add_callback(monkeypatch, module, counter: StepCounter) -> None:
     monkeypatch.setattr(module, "make_trainer", with_counter)
 
 
-def test_training_stopped_after_epoch_2_resumes_there_to_the_uninterrupted_parameters(tmp_path, monkeypatch):
+def test_training_stopped_after_epoch_1_resumes_there_to_the_uninterrupted_parameters(tmp_path, monkeypatch):
     cfg = compose_config(TRAIN_ARGS[1:], tmp_path)
     spec = instantiate(cfg.model)
     counter = StepCounter()
@@ -125,18 +125,18 @@ def test_training_stopped_after_epoch_2_resumes_there_to_the_uninterrupted_param
     steps_per_epoch = counter.steps // EPOCHS
     assert metrics["resumed_from_epoch"] is None and steps_per_epoch > 0
 
-    counter = StepCounter(stop_at=2)
+    counter = StepCounter(stop_at=1)
     add_callback(monkeypatch, train, counter)
     with pytest.raises(Stop):
         train.fit(cfg, spec, tmp_path / "stopped", False)
-    assert counter.steps == 2 * steps_per_epoch
-    assert epochs_done(tmp_path / "stopped" / "last.ckpt") == 2  # written when epochs 0 and 1 ended
+    assert counter.steps == steps_per_epoch
+    assert epochs_done(tmp_path / "stopped" / "last.ckpt") == 1  # written when epoch 0 ended
 
     counter = StepCounter()
     add_callback(monkeypatch, train, counter)
     reducer, metrics = train.fit(cfg, spec, tmp_path / "stopped", False)
-    assert counter.steps == (EPOCHS - 2) * steps_per_epoch  # not from epoch 0
-    assert metrics["resumed_from_epoch"] == 2 and metrics["resumed_from_step"] == 2 * steps_per_epoch
+    assert counter.steps == (EPOCHS - 1) * steps_per_epoch  # not from epoch 0
+    assert metrics["resumed_from_epoch"] == 1 and metrics["resumed_from_step"] == steps_per_epoch
     resumed = dict(reducer.trainable_parameters())
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

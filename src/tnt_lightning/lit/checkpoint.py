@@ -50,15 +50,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class LastCheckpoint(Checkpoint):
-    """Keeps ``dirpath/last.ckpt`` up to date: after every training epoch, and every ``every_n_steps``
-    optimisation steps if that is > 0. :meth:`resume_point` says where a rerun starts."""
+    """Keeps ``dirpath/last.ckpt`` up to date after every training epoch; :meth:`resume_point` says
+    where a rerun starts.
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 0) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"checkpoint every_n_steps={every_n_steps} must be >= 0 (0: every epoch only)")
+    Epochs only: Lightning cannot resume a plain (not stateful) DataLoader mid-epoch exactly, so a
+    step-wise checkpoint would not give the uninterrupted run's parameters.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
-        self._epochs_done = 0
         self._saved_step = -1
 
     @property
@@ -89,16 +89,7 @@ class LastCheckpoint(Checkpoint):
             self.path.unlink(missing_ok=True)
             return None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not self.every_n_steps or trainer.global_step % self.every_n_steps:
-            return
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return  # the epoch's own checkpoint follows
-        self._epochs_done = trainer.current_epoch
-        self.save(trainer)
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch + 1
         self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
@@ -119,7 +110,7 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         # With several processes, each has its own RNG streams: only a one-process run replays exactly.
         checkpoint["resume"] = {
-            "epochs_done": self._epochs_done,
+            "epochs_done": trainer.current_epoch + 1,  # written when an epoch ends
             "global_step": trainer.global_step,
             "max_epochs": trainer.max_epochs,
             "rng": rng_states() if trainer.world_size == 1 else None,

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TRAINED_FILE = "trained.pth"
 # Recipe keys that do not change the trained parameters.
-RECIPE_VOLATILE = ("auto", "val_keep_rate", "checkpoint_every_n_steps")
+RECIPE_VOLATILE = ("auto", "val_keep_rate")
 DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
 
 
@@ -126,7 +126,7 @@ def fit(
     datamodule = instantiate(cfg.data)
     datamodule.batch_size = int(rec.batch_size)
     datamodule.check(("fit", "validate"))
-    checkpoints = LastCheckpoint(workdir, every_n_steps=int(rec.get("checkpoint_every_n_steps") or 0))
+    checkpoints = LastCheckpoint(workdir)
     trainer = make_trainer(
         cfg,
         loggers,
