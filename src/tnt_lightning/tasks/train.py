@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError
 from ..engine import apply_reducer, backbone_info
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
+from ..lit.checkpoint import rng_states, set_rng_states
 from ..methods import LearnedReducer, build_reducer
 from ..models import BackboneSpec, create_model, load_weights, pretrained_path, read_state_dict
 from .common import make_trainer, pretrain_fn
@@ -116,10 +117,11 @@ def fit(
     L.seed_everything(cfg.seed, workers=True)
     train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
     model = create_model(train_spec)
+    # A backbone pretrained just now (a cache miss) draws from the same generators: the method's
+    # initial parameters and training draws must be those of a run that found it cached.
+    rng = rng_states()
     load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg))
-    # Seeded again: pretraining a missing backbone just now drew from the same generators, and the
-    # method's initial parameters and training draws must not depend on whether it was cached.
-    L.seed_everything(cfg.seed, workers=True)
+    set_rng_states(rng)
     tcfg = training_config(cfg)
     reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
     apply_reducer(model, reducer)
