@@ -4,18 +4,13 @@ trained-parameter files, and the early errors of METHODS.md sections 1, 5 and 8.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import ROOT, compose_config, run_py, tiny_vit
+from conftest import compose_config, run_py, tiny_vit
 from tnt_lightning.engine import ReductionError, Tokens, apply_reducer, backbone_info
 from tnt_lightning.engine.attention import softmax_with_policy
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
@@ -336,49 +331,3 @@ def test_checkpoints_hold_only_the_trained_parameters():
         "model.reducer.alpha_heads.1.weight",
     ]
     assert math.isclose(sum(v.numel() for v in checkpoint["state_dict"].values()), 2 * 49)
-
-
-# -- training through run.py -------------------------------------------------------------------
-
-
-def test_training_killed_mid_run_resumes_from_its_last_checkpoint(default_run, tmp_path):
-    """SIGKILL after the first epoch's checkpoint; the rerun continues from it instead of epoch 0."""
-    cache = default_run[0] / "cache"
-    args = [
-        "task=train",
-        "method=tnt",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "data.train_overrides.epochs=3",
-        "logger=csv",
-    ]
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "backbones").symlink_to(cache / "backbones")
-    env = {**os.environ, "TNT_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not list((tmp_path / "cache" / "methods").rglob("last.ckpt")) and time.time() < deadline:
-        assert first.poll() is None, "training ended before it could be killed"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    (workdir,) = [p for p in (tmp_path / "cache" / "methods").iterdir() if p.is_dir()]
-    assert not (workdir / "trained.pth").exists()
-    epoch_saved = torch.load(workdir / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
-
-    proc = run_py(args, tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
-    assert f"resuming tnt training from {workdir / 'last.ckpt'}" in output
-    assert "Restoring states from the checkpoint" in output
-    trained = torch.load(workdir / "trained.pth", map_location="cpu", weights_only=True)
-    assert trained["metrics"]["epochs"] == 3 and epoch_saved >= 1
-    assert not (workdir / "last.ckpt").exists()
-
-    again = run_py(args, tmp_path, timeout=300)  # trained: nothing to do
-    assert again.returncode == 0 and "already trained" in again.stdout + again.stderr

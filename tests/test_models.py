@@ -32,7 +32,7 @@ def _spec(**kw) -> BackboneSpec:
     return BackboneSpec(**{**TINY, **kw})
 
 
-def _no_pretrain(model, spec):
+def _no_pretrain(model, spec, workdir):
     raise AssertionError("must not train")
 
 
@@ -143,7 +143,7 @@ WORKER = textwrap.dedent(
     arch = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
     spec = BackboneSpec(name="tiny", arch=arch, num_classes=5, input_size=(3, 32, 32), weights="pretrain",
                         pretrain=dict(epochs=1, seed=0))
-    def pretrain(model, spec):
+    def pretrain(model, spec, workdir):
         with open(sys.argv[2], "a") as f:
             f.write("trained\\n")
         time.sleep(3)

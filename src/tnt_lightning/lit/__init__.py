@@ -1,7 +1,8 @@
 """Lightning modules."""
 
+from .checkpoint import LastCheckpoint
 from .classifier import ImageClassifier
 from .optim import OptimConfig, build_optimizer
 from .reduction import TokenReductionModule
 
-__all__ = ["ImageClassifier", "OptimConfig", "TokenReductionModule", "build_optimizer"]
+__all__ = ["ImageClassifier", "LastCheckpoint", "OptimConfig", "TokenReductionModule", "build_optimizer"]

@@ -11,7 +11,7 @@ from .backbones import (
     set_fused_attn,
 )
 from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
-from .provider import check_checkpoint, ensure_pretrained, load_weights, pretrained_path
+from .provider import check_checkpoint, ensure_pretrained, load_weights, pretrain_workdir, pretrained_path
 
 __all__ = [
     "BackboneSpec",
@@ -26,6 +26,7 @@ __all__ = [
     "load_backbone_state",
     "load_weight_file",
     "load_weights",
+    "pretrain_workdir",
     "pretrained_path",
     "read_state_dict",
     "reuse_cached",

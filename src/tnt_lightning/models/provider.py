@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
 
 log = logging.getLogger(__name__)
 
-# Trains ``model`` in place as ``spec.pretrain`` says; returns the metrics to store beside the weights.
-PretrainFn = Callable[[VisionTransformer, BackboneSpec], dict[str, Any]]
+# Trains ``model`` in place as ``spec.pretrain`` says, keeping its resumable state (last.ckpt) in the
+# given work folder; returns the metrics to store beside the weights.
+PretrainFn = Callable[[VisionTransformer, BackboneSpec, Path], dict[str, Any]]
 
 
 def pretrain_key(spec: BackboneSpec) -> str:
@@ -42,6 +44,11 @@ def pretrain_key(spec: BackboneSpec) -> str:
 
 def pretrained_path(spec: BackboneSpec, cache_dir: str | Path) -> Path:
     return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{pretrain_key(spec)}.pth"
+
+
+def pretrain_workdir(spec: BackboneSpec, cache_dir: str | Path) -> Path:
+    """Where a pretraining keeps ``last.ckpt`` until its weights are cached (a killed one resumes)."""
+    return pretrained_path(spec, cache_dir).with_suffix(".work")
 
 
 def ensure_pretrained(
@@ -67,8 +74,9 @@ def ensure_pretrained(
             path,
         )
         model = create_model(spec)
-        metrics = pretrain(model, spec)
+        metrics = pretrain(model, spec, pretrain_workdir(spec, cache_dir))
         save_artefact({"model": model.state_dict(), "spec_key": pretrain_key(spec), "metrics": metrics}, path)
+        shutil.rmtree(pretrain_workdir(spec, cache_dir), ignore_errors=True)
         log.info("cached %s (%s)", path, metrics)
     return path
 

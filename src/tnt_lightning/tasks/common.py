@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
-from ..lit import ImageClassifier, OptimConfig
+from ..lit import ImageClassifier, LastCheckpoint, OptimConfig
 from ..models import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overri
 def pretrain_fn(cfg: DictConfig):
     """The recipe that trains a small backbone from scratch (``model.pretrain``), for the cache."""
 
-    def pretrain(model: VisionTransformer, spec: BackboneSpec) -> dict[str, Any]:
+    def pretrain(model: VisionTransformer, spec: BackboneSpec, workdir: Path | None = None) -> dict[str, Any]:
+        """Train ``model`` in place; with a ``workdir``, keep ``last.ckpt`` there every epoch and
+        resume from it (the caller deletes the folder once the weights are cached)."""
         recipe = OmegaConf.create(spec.pretrain)
         L.seed_everything(recipe.seed, workers=True)
         # The caller built the model before seeding: redraw its initial weights from the seed, so
@@ -126,13 +128,33 @@ def pretrain_fn(cfg: DictConfig):
         module = ImageClassifier(
             model, datamodule.num_classes, OptimConfig(**recipe.optim), label_smoothing=recipe.label_smoothing
         )
+        checkpoints = [LastCheckpoint(workdir)] if workdir is not None else []
+        start = checkpoints[0].resume_point() if checkpoints else None
+        if start is not None:
+            log.warning(
+                "resuming backbone %s pretraining from epoch %d of %d (%s)",
+                spec.name,
+                start["epochs_done"],
+                recipe.epochs,
+                checkpoints[0].path,
+            )
         trainer = make_trainer(
-            cfg, max_epochs=recipe.epochs, enable_checkpointing=False, check_val_every_n_epoch=recipe.epochs
+            cfg,
+            max_epochs=recipe.epochs,
+            callbacks=checkpoints,
+            enable_checkpointing=bool(checkpoints),
+            check_val_every_n_epoch=recipe.epochs,
         )
-        trainer.fit(module, datamodule=datamodule)
+        ckpt_path = str(checkpoints[0].path) if start is not None else None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         (result,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         model.cpu().eval()
-        return {"val_acc1": result["val/acc1"], "val_acc5": result["val/acc5"], "epochs": recipe.epochs}
+        return {
+            "val_acc1": result["val/acc1"],
+            "val_acc5": result["val/acc5"],
+            "epochs": recipe.epochs,
+            "resumed_from_epoch": start["epochs_done"] if start is not None else None,
+        }
 
     return pretrain
 

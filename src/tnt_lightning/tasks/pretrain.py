@@ -27,13 +27,14 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         check_recipe_data(spec, cfg)
         metrics: dict[str, Any] = {}
 
-        def train_and_keep(model, spec_):
-            metrics.update(pretrain_fn(cfg)(model, spec_))
+        def train_and_keep(model, spec_, workdir):
+            metrics.update(pretrain_fn(cfg)(model, spec_, workdir))
             recorder.metrics.update(count_parameters(model))
             return metrics
 
         path = ensure_pretrained(spec, cfg.paths.cache_dir, train_and_keep, force=True)
         recorder.details["weights"] = str(path)
+        recorder.details["resumed_from_epoch"] = metrics.get("resumed_from_epoch")
         recorder.metrics.update(acc1=metrics["val_acc1"], acc5=metrics["val_acc5"])
         log_summary(loggers, recorder.metrics)
     print(format_summary(recorder.record))

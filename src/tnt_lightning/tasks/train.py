@@ -24,14 +24,14 @@ import lightning as L
 import torch
 from filelock import FileLock
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, UserError
 from ..engine import apply_reducer, backbone_info
-from ..lit import OptimConfig, TokenReductionModule
+from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
+from ..lit.checkpoint import rng_states, set_rng_states
 from ..methods import LearnedReducer, build_reducer
 from ..models import (
     BackboneSpec,
@@ -129,14 +129,18 @@ def fit(
     L.seed_everything(cfg.seed, workers=True)
     train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
     model = create_model(train_spec)
+    # A backbone pretrained just now (a cache miss) draws from the same generators: the method's
+    # initial parameters and training draws must be those of a run that found it cached.
+    rng = rng_states()
     load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg))
+    set_rng_states(rng)
     tcfg = training_config(cfg)
     reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
     apply_reducer(model, reducer)
     datamodule = instantiate(cfg.data)
     datamodule.batch_size = int(rec.batch_size)
     datamodule.check(("fit", "validate"))
-    checkpoints = ModelCheckpoint(dirpath=workdir, save_last=True, save_top_k=0, every_n_epochs=1)
+    checkpoints = LastCheckpoint(workdir)
     trainer = make_trainer(
         cfg,
         loggers,
@@ -163,10 +167,18 @@ def fit(
         mixup=rec.mixup,
         cutmix=rec.cutmix,
     )
-    last = workdir / "last.ckpt"
-    if last.exists():
-        log.warning("resuming %s training from %s", reducer.name, last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    start = checkpoints.resume_point()
+    if start is not None:
+        log.warning(
+            "resuming %s training from epoch %d of %d (step %d, %s)",
+            reducer.name,
+            start["epochs_done"],
+            int(rec.epochs),
+            start["global_step"],
+            checkpoints.path,
+        )
+    ckpt_path = str(checkpoints.path) if start is not None else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {
         "val_acc1": val["val/acc1"],
@@ -174,6 +186,8 @@ def fit(
         "lr": lr,
         "total_batch": total_batch,
         "epochs": int(rec.epochs),
+        "resumed_from_epoch": start["epochs_done"] if start is not None else None,
+        "resumed_from_step": start["global_step"] if start is not None else None,
     }
     return reducer, metrics
 
@@ -374,6 +388,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         path, trained_now = ensure_trained(cfg, spec, reducer, loggers)
         saved = load_weight_file(path, f"cached trained parameters {path}")
         recorder.details.update(trained=str(path), trained_now=trained_now, training=saved["metrics"])
+        # where this run's training started: a killed run's rerun resumes from its last.ckpt
+        resumed = saved["metrics"].get("resumed_from_epoch")
+        recorder.details["resumed_from_epoch"] = resumed if trained_now else None
         recorder.metrics.update(
             acc1=saved["metrics"]["val_acc1"], acc1_full=saved["metrics"]["val_acc1_full"]
         )
