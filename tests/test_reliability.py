@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -124,3 +125,45 @@ def test_lightnings_sigterm_exception_is_an_interruption_not_a_clean_exit():
     raised, tb = _raise_from("loop.py", SIGTERMException())
     assert outcome(raised, tb) == ("interrupted", 143)
     assert outcome(None, None) == ("ok", None)
+
+
+def _rank(rank: int, setup, queue) -> None:
+    from tnt_lightning.tasks import train as train_module
+
+    cfg, spec, reducer = setup
+    train_module.rank_zero_only.rank = rank
+    fits = []
+    train_module.fit = lambda *args: fits.append(rank) or (reducer, {"val_acc1": 1.0, "val_acc1_full": 2.0})
+    path, trained = train_module.ensure_trained(cfg, spec, reducer)
+    queue.put((rank, trained, len(fits)))
+
+
+def test_the_ranks_of_one_ddp_job_train_a_shared_artefact_once_together(tmp_path, monkeypatch):
+    """Rank 0 takes the artefact's lock and decides; rank 1 follows: both train (one DDP run) when
+    nothing is cached, neither when it is, and the file is written once."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+    from tnt_lightning.engine import backbone_info
+    from tnt_lightning.methods import build_reducer
+    from tnt_lightning.models import create_model
+
+    cfg = compose_config(["method=tnt"], tmp_path)
+    spec = instantiate(cfg.model)
+    reducer, _ = build_reducer(
+        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))
+    )
+    reducer.bind(backbone_info(create_model(spec)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TNT_JOB_TOKEN", "job-a")
+    ctx = multiprocessing.get_context("fork")
+    for expected in ((True, 1), (False, 0)):  # first nothing cached, then the artefact is
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_rank, args=(r, (cfg, spec, reducer), queue)) for r in (1, 0)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert sorted(queue.get(timeout=5) for _ in procs) == [(0, *expected), (1, *expected)]
+    workdir = next((tmp_path / "cache" / "methods").glob("tnt-*"))
+    assert (workdir / "trained.pth").is_file() and not list(workdir.glob(".decision-*"))

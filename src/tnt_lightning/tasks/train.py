@@ -10,13 +10,13 @@ identity). A file lock lets one job train while concurrent jobs wait, then load.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from .. import slurm
 from ..config import ConfigError, UserError
 from ..engine import apply_reducer, backbone_info
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
@@ -45,6 +46,7 @@ from ..models import (
     state_dict_of,
 )
 from ..models.artefact_io import checksum_matches, checksum_problem
+from ..results.store import write_atomic
 from .common import make_trainer, pretrain_fn
 
 log = logging.getLogger(__name__)
@@ -210,51 +212,85 @@ def ensure_trained(
     if checksum_matches(final):
         return final, False
     workdir.mkdir(parents=True, exist_ok=True)
-    # One job trains while concurrent jobs wait. The processes of one DDP job must all train
-    # together, so they take no lock (and only rank 0 writes the file).
-    distributed = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
-    with contextlib.nullcontext() if distributed else FileLock(str(workdir) + ".lock"):
-        if reuse_cached(final, "cached trained parameters", TRAINED_KEYS, remove_damaged=may_train):
-            log.info("using trained %s %s (checked while holding its lock)", reducer.name, final)
-            return final, False
-        if not may_train:
+    # One job trains while concurrent jobs wait on the lock. The processes of one DDP job train
+    # together: rank 0 takes the lock and posts its decision, the other ranks follow it.
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    distributed = world_size > 1
+    decision = workdir / f".decision-{job_token()}"
+    if distributed and rank_zero_only.rank != 0:
+        choice = wait_for(decision, timeout_s=None).read_text()  # rank 0 may wait for another job
+        decision.with_name(f"{decision.name}.read-by-{rank_zero_only.rank}").touch()
+        if choice == "refused":
             raise_untrained(cfg, reducer, final)
-        log.warning(
-            "training %s once on %s (%s); it will be cached at %s",
-            reducer.name,
-            spec.name,
-            cfg.data.name,
-            final,
-        )
-        trained, metrics = fit(cfg, spec, workdir, loggers)
-        state = {n: p.detach().cpu() for n, p in trained.trainable_parameters()}
-        if rank_zero_only.rank != 0:
+        if choice == "train":
+            fit(cfg, spec, workdir, loggers)
             wait_for(final)
-            return final, True
-        save_artefact(
-            {
-                "method": reducer.name,
-                "model": spec.name,
-                "identity": training_identity(cfg, spec, reducer),
-                "state_dict": state,
-                "metrics": metrics,
-            },
-            final,
-        )
-        (workdir / "last.ckpt").unlink(missing_ok=True)
-        log.info("trained %s: %s", reducer.name, metrics)
+        return final, choice == "train"
+    try:
+        with FileLock(str(workdir) + ".lock"):
+            if reuse_cached(final, "cached trained parameters", TRAINED_KEYS, remove_damaged=may_train):
+                log.info("using trained %s %s (checked while holding its lock)", reducer.name, final)
+                post(decision, "cached", distributed)
+                return final, False
+            if not may_train:
+                post(decision, "refused", distributed)
+                raise_untrained(cfg, reducer, final)
+            post(decision, "train", distributed)
+            log.warning(
+                "training %s once on %s (%s); it will be cached at %s",
+                reducer.name,
+                spec.name,
+                cfg.data.name,
+                final,
+            )
+            trained, metrics = fit(cfg, spec, workdir, loggers)
+            state = {n: p.detach().cpu() for n, p in trained.trainable_parameters()}
+            save_artefact(
+                {
+                    "method": reducer.name,
+                    "model": spec.name,
+                    "identity": training_identity(cfg, spec, reducer),
+                    "state_dict": state,
+                    "metrics": metrics,
+                },
+                final,
+            )
+            (workdir / "last.ckpt").unlink(missing_ok=True)
+            log.info("trained %s: %s", reducer.name, metrics)
+    finally:
+        if distributed and decision.exists():  # removed once every rank has read it
+            for rank in range(1, world_size):
+                wait_for(decision.with_name(f"{decision.name}.read-by-{rank}")).unlink()
+            decision.unlink()
     return final, True
 
 
-def wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    """Other DDP ranks wait for rank 0 to write the trained file."""
-    deadline = time.time() + timeout_s
+def job_token() -> str:
+    """An id every process of this job shares (its DDP ranks), and no other job: the SLURM job and
+    attempt, or one drawn by rank 0 before Lightning starts the other ranks (they inherit it)."""
+    info = slurm.job_info()
+    if info is not None:
+        return f"slurm-{info['job_id']}-{info['restart_count']}"
+    return os.environ.setdefault("TNT_JOB_TOKEN", uuid.uuid4().hex[:12])
+
+
+def post(decision: Path, choice: str, distributed: bool) -> None:
+    """Rank 0 tells the other ranks of its job whether they train with it (``train``), load the
+    cached artefact (``cached``), or fail (``refused``)."""
+    if distributed:
+        write_atomic(decision, choice)
+
+
+def wait_for(path: Path, timeout_s: float | None = 600.0) -> Path:
+    """Other DDP ranks wait for rank 0 to write ``path`` (its decision, or the trained file)."""
+    deadline = None if timeout_s is None else time.time() + timeout_s
     while not path.exists():
-        if time.time() > deadline:
+        if deadline is not None and time.time() > deadline:
             raise TrainedParametersError(
                 f"rank {rank_zero_only.rank}: {path} did not appear in {timeout_s} s"
             )
         time.sleep(1.0)
+    return path
 
 
 def load_trained(
