@@ -3,7 +3,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock check-data test test-full lint clean clean-all bench sweep slurm slurm-dry \
+.PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
 	slurm-submit slurm-status test-slurm demo report
 
 help: ## List the targets
@@ -34,6 +34,9 @@ check-data: ## Decode every image of a folder dataset and list the bad ones (DAT
 
 test: ## Fast tests (slow ones excluded; a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-resume: ## The SIGKILL-and-resume tests of training and pretraining (slow: real runs killed mid-way)
+	$(PYTHON) -m pytest -m slow tests/test_resume.py $(PYTEST_ARGS)
 
 test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
 	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
