@@ -354,7 +354,7 @@ def test_ats_gflops_follow_the_kept_count_at_batch_one(tmp_path):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats"])
+@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit"])
 @pytest.mark.parametrize("prefix", [0, 1, 2])
 def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method, prefix, tmp_path):
     model = tiny_vit(prefix=prefix, depth=6, img=64, patch=8)  # 64 patches
