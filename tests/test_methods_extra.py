@@ -9,14 +9,18 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import compose_config, tiny_vit
+from conftest import compose_config, run_py, tiny_vit
 from tnt_lightning.config import ConfigError
 from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.measure import analytic, count_macs
 from tnt_lightning.methods import TNT, build_reducer
 from tnt_lightning.methods.ats import inverse_transform_sample, sample_points, unique_padded
 from tnt_lightning.methods.dpcknn import dpc_knn
 from tnt_lightning.methods.kmedoids import k_medoids
+from tnt_lightning.methods.patchmerger import PatchMergerStage
+from tnt_lightning.methods.sinkhorn import SinkhornStage, sinkhorn_assignment
+from tnt_lightning.methods.sit import SlimmingStage
 from tnt_lightning.methods.spatial import centre_distances, threshold_for
 from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
 from tnt_lightning.models.backbones import check_engine_support
@@ -350,7 +354,7 @@ def test_ats_gflops_follow_the_kept_count_at_batch_one(tmp_path):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats"])
+@pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit"])
 @pytest.mark.parametrize("prefix", [0, 1, 2])
 def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method, prefix, tmp_path):
     model = tiny_vit(prefix=prefix, depth=6, img=64, patch=8)  # 64 patches
@@ -393,3 +397,174 @@ def test_token_maps_of_the_new_methods(tmp_path):
     owners = patch_owners(model.last_trace[-1][1], 1)
     kept = (model.last_tokens.size[:, 1:, 0] > 0).sum(dim=1) if model.last_tokens.size is not None else None
     assert kept is not None and ((owners >= 0).sum(axis=1) == kept.numpy()).all()
+
+
+# -- learned merging: PatchMerger, Sinkhorn, SiT ---------------------------------------------------
+
+LEARNED_MERGING = ["patchmerger", "sinkhorn", "sit"]
+
+
+def stage_shapes(method: str, outputs: int, dim: int = 48) -> dict[str, tuple[int, ...]]:
+    if method == "patchmerger":
+        return {"norm.weight": (dim,), "norm.bias": (dim,), "queries": (outputs, dim)}
+    if method == "sinkhorn":
+        return {"v": (outputs, dim)}
+    half = dim // 2
+    return {
+        "weight.0.weight": (dim,),
+        "weight.0.bias": (dim,),
+        "weight.1.weight": (half, dim),
+        "weight.1.bias": (half,),
+        "weight.3.weight": (outputs, half),
+        "weight.3.bias": (outputs,),
+        "scale": (1, 1, 1),
+    }
+
+
+@pytest.mark.parametrize("method", LEARNED_MERGING)
+def test_learned_merging_outputs_int_n0_rho_j_tokens_per_stage(method, tmp_path):
+    """Haurum's rule: stage j outputs int(196 * 0.7 ** (j+1)) = 137, 96, 67 tokens after blocks 2, 5, 8;
+    single-layer int(196 * 0.5) = 98 after block 2. Each stage's parameters are sized by its count."""
+    model = deit_like()
+    _, record = run_method(model, method, 0.7, tmp_path, "schedule=multi", trace=True)
+    reducer = model.reducer
+    assert reducer.blocks == [2, 5, 8] and reducer.counts == [137, 96, 67]
+    assert record["keep_ratios"] == pytest.approx([0.7, 0.49, 0.343])
+    model(torch.randn(2, 3, 224, 224))
+    assert [s.shape[1] - 1 for _, s in model.last_trace] == [137, 96, 67]
+    assert model.last_tokens.n == 67
+    for j, outputs in enumerate(reducer.counts):
+        got = {n: tuple(p.shape) for n, p in reducer.cluster_layers[j].named_parameters()}
+        assert got == stage_shapes(method, outputs)
+    model = deit_like()
+    run_method(model, method, 0.5, tmp_path)
+    assert model.reducer.blocks == [2] and model.reducer.counts == [98]
+    model(torch.randn(1, 3, 224, 224))
+    assert model.last_tokens.x.shape[1] == 1 + 98
+
+
+@pytest.mark.parametrize("method", LEARNED_MERGING)
+def test_learned_merging_gflops_count_the_merge(method, tmp_path):
+    """After block 2 at K = 0.5 (n = 196 -> M = 98, D = 48): the blocks on 197 then 99 tokens, plus
+    PatchMerger LN 5nD + scores MnD + merge MnD; Sinkhorn scores + merge; SiT LN + MLP nD(D/2) +
+    n(D/2)M + merge."""
+    n, m, d = 196, 98, 48
+    extra = {
+        "patchmerger": 5 * n * d + 2 * m * n * d,
+        "sinkhorn": 2 * m * n * d,
+        "sit": 5 * n * d + n * d * (d // 2) + n * (d // 2) * m + m * n * d,
+    }[method]
+    model = deit_like()
+    run_method(model, method, 0.5, tmp_path)
+    got = count_macs(model, torch.randn(1, 3, 224, 224)) / 1e9
+    assert got == pytest.approx(analytic_gflops(model, [197] * 3 + [99] * 9) + extra / 1e9, abs=1e-12)
+
+
+def test_sinkhorn_assignment_hand_checked():
+    """Zero scores, M = 2 centres, n = 3 patches: u = -log 5 - log 3, v = log(3/2), so every entry of
+    (plan * 5) is 1/2. Random scores: after the last (column) step every patch's column sums to 1,
+    and the number of steps matters (the plan has not converged after 1)."""
+    w = sinkhorn_assignment(torch.zeros(1, 2, 3, dtype=torch.float64), eps=1.0, iterations=3)
+    torch.testing.assert_close(w, torch.full((1, 2, 3), 0.5, dtype=torch.float64))
+    scores = torch.randn(2, 5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w3 = sinkhorn_assignment(scores, eps=1.0, iterations=3)
+    torch.testing.assert_close(w3.sum(dim=1), torch.ones(2, 9, dtype=torch.float64))
+    assert not torch.allclose(w3, sinkhorn_assignment(scores, eps=1.0, iterations=1))
+    assert not torch.allclose(w3, sinkhorn_assignment(scores, eps=0.5, iterations=3))
+
+
+def test_sinkhorn_merges_the_normalised_patches_and_projects_its_centres_when_training():
+    stage = SinkhornStage(4, 2, eps=1.0, iterations=3).double()
+    with torch.no_grad():
+        stage.v.mul_(3.0)
+    raw = stage.v.detach().clone()
+    x = torch.randn(1, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stage.eval()
+    merged, w = stage(x)
+    assert torch.equal(stage.v.detach(), raw)  # evaluation leaves the parameter alone
+    torch.testing.assert_close(merged, w @ F.normalize(x, dim=-1))
+    unit = F.normalize(raw, dim=-1)
+    torch.testing.assert_close(w, sinkhorn_assignment(unit @ F.normalize(x, dim=-1).transpose(1, 2), 1.0, 3))
+    stage.train()
+    stage(x)
+    torch.testing.assert_close(stage.v.detach(), unit)  # the reference's in-place projection
+
+
+def test_patchmerger_and_sit_average_uniformly_when_their_scores_are_flat():
+    """Zero queries (PatchMerger) or a zero last layer (SiT): a softmax over the patches gives every
+    output the mean of its inputs, of the LayerNorm-ed patches for PatchMerger, the raw ones for SiT."""
+    x = torch.randn(2, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    merger = PatchMergerStage(8, 3, scaled=False).double()
+    sit = SlimmingStage(8, 3, hidden_ratio=0.5).double()
+    with torch.no_grad():
+        merger.queries.zero_()
+        sit.weight[3].weight.zero_()
+        sit.weight[3].bias.zero_()
+    merged, w = merger(x)
+    torch.testing.assert_close(w, torch.full((2, 3, 6), 1 / 6, dtype=torch.float64))
+    normed = F.layer_norm(x, (8,), eps=1e-5)
+    torch.testing.assert_close(merged, normed.mean(dim=1, keepdim=True).expand(-1, 3, -1))
+    merged, w = sit(x)
+    torch.testing.assert_close(merged, x.mean(dim=1, keepdim=True).expand(-1, 3, -1))
+    g = torch.Generator().manual_seed(3)
+    for stage in (merger, sit):
+        with torch.no_grad():
+            for p in stage.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        _, w = stage(x)
+        torch.testing.assert_close(w.sum(dim=-1), torch.ones(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", LEARNED_MERGING)
+def test_only_the_merging_stages_train(method, tmp_path):
+    """The Lightning module freezes the backbone; the loss reaches every parameter of every stage."""
+    model = deit_like()
+    run_method(model, method, 0.7, tmp_path, "schedule=multi")
+    module = TokenReductionModule(model, 10, OptimConfig(lr=1e-3))
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"reducer.{n}" for n, _ in model.reducer.named_parameters()}
+    assert all(n.startswith("reducer.cluster_layers.") for n in trainable)
+    model.train()
+    out = model.reducer.training_loss(model, torch.randn(2, 3, 224, 224), torch.tensor([1, 3]), 0.1)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+        if p.grad is not None:
+            assert bool(p.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize("method", LEARNED_MERGING)
+def test_learned_merging_token_maps_give_every_patch_one_owner(method, tmp_path):
+    """Every patch belongs to the output it weighs most (argmax over outputs, Haurum's hard map)."""
+    model = deit_like()
+    run_method(model, method, 0.5, tmp_path, trace=True)
+    model(torch.randn(2, 3, 224, 224))
+    source = model.last_trace[-1][1]
+    assert torch.equal(source[:, 1:, 1:].sum(dim=1), torch.ones(2, 196, dtype=torch.long))
+    owners = patch_owners(source, 1)
+    assert (owners >= 0).all() and (owners < 98).all()
+
+
+def test_learned_merging_refuses_bad_options_and_other_patch_grids(tmp_path):
+    model = deit_like()
+    with pytest.raises(ReductionError, match="method.eps=0"):
+        run_method(model, "sinkhorn", 0.5, tmp_path, "method.eps=0")
+    with pytest.raises(ReductionError, match="keep ratios"):
+        run_method(deit_like(), "patchmerger", 0.001, tmp_path)
+    run_method(model, "patchmerger", 0.5, tmp_path)
+    with pytest.raises(ReductionError, match="built for 196 patches"):
+        apply_reducer(tiny_vit(depth=12, img=64, patch=8), model.reducer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", LEARNED_MERGING)
+def test_learned_merging_trains_through_run_py(method, default_run, tmp_path):
+    """``task=train`` on the tiny setup (vit_mnist, one epoch): the trained file holds the stages only."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "backbones").symlink_to(default_run[0] / "cache" / "backbones")
+    args = ["task=train", f"method={method}", "data.train_overrides.epochs=1", "logger=csv"]
+    proc = run_py([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trained,) = (tmp_path / "cache" / "methods").rglob("trained.pth")
+    state = torch.load(trained, map_location="cpu", weights_only=True)["state_dict"]
+    assert state and all(k.startswith("cluster_layers.") for k in state)

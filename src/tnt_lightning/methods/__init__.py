@@ -18,7 +18,10 @@ from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
 from .kmedoids import KMedoids
 from .learned import LearnedReducer
+from .patchmerger import PatchMerger
 from .random_drop import RandomDrop
+from .sinkhorn import Sinkhorn
+from .sit import SiT
 from .spatial import SpatialHeuristic
 from .staged import StagedReducer
 from .tnt import TNT
@@ -40,7 +43,10 @@ __all__ = [
     "DynamicViT",
     "KMedoids",
     "LearnedReducer",
+    "PatchMerger",
     "RandomDrop",
+    "SiT",
+    "Sinkhorn",
     "SpatialHeuristic",
     "StagedReducer",
     "TNT",
