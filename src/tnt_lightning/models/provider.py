@@ -69,8 +69,10 @@ def ensure_pretrained(
             log.info("using cached backbone %s (checked while holding its lock)", path)
             return path
         log.warning(
-            "training backbone %s once (weights: model.weights=pretrain); it will be cached at %s",
+            "training backbone %s once, %s epochs, before this run goes on (model.weights=pretrain; the "
+            "progress bar shows the time per epoch); it will be cached at %s",
             spec.name,
+            (spec.pretrain or {}).get("epochs", "?"),
             path,
         )
         model = create_model(spec)

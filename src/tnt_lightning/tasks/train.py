@@ -237,10 +237,12 @@ def ensure_trained(
                 raise_untrained(cfg, reducer, final)
             post(decision, "train", distributed)
             log.warning(
-                "training %s once on %s (%s); it will be cached at %s",
+                "training %s once on %s (%s), %d epochs, before this run goes on (the progress bar shows "
+                "the time per epoch); it will be cached at %s",
                 reducer.name,
                 spec.name,
                 cfg.data.name,
+                int(recipe(cfg).epochs),
                 final,
             )
             trained, metrics = fit(cfg, spec, workdir, loggers)
