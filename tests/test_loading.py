@@ -44,7 +44,7 @@ def _spec(**kw) -> BackboneSpec:
     return BackboneSpec(**{**TINY, **kw})
 
 
-def _no_pretrain(model, spec):
+def _no_pretrain(model, spec, workdir=None):
     raise AssertionError("must not pretrain")
 
 
@@ -284,7 +284,7 @@ class CountingPretrain:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, model, spec):
+    def __call__(self, model, spec, workdir):
         self.calls += 1
         return {"val_acc1": 0.0}
 
