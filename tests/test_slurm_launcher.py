@@ -186,8 +186,9 @@ def test_watch_counts_the_sweeps_records_and_jobs(tmp_path, monkeypatch, capsys)
     sweep = tmp_path / "outputs" / "multiruns" / "2026-01-01_00-00-00"
     for job in ("5_0", "5_1", "5_2"):
         (sweep / ".submitit" / job).mkdir(parents=True)
-    for job, status in (("5_0", "ok"), ("5_1", "preempted"), ("5_1", "ok"), ("9_0", "ok")):
-        append_record(tmp_path / "results", {"status": status, "slurm": {"job_id": job}})
+    for i, (job, status) in enumerate((("5_0", "ok"), ("5_1", "preempted"), ("5_1", "ok"), ("9_0", "ok"))):
+        record = {"run_id": f"r{i}", "task": "eval", "status": status, "slurm": {"job_id": job}}
+        append_record(tmp_path / "results", record)
     monkeypatch.setattr(
         watch, "sacct_states", lambda ids: {"5_0": "COMPLETED", "5_1": "COMPLETED", "5_2": "RUNNING"}
     )

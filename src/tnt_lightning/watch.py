@@ -75,7 +75,7 @@ def sweep_records(records: list[dict[str, Any]], job_ids: list[str]) -> list[dic
 def summary(sweep_dir: Path, results_dir: Path) -> dict[str, Any]:
     job_ids = sweep_job_ids(sweep_dir)
     states = sacct_states(job_ids)
-    records = sweep_records(read_records(results_dir), job_ids)
+    records = sweep_records(read_records(results_dir, history=True), job_ids)  # every attempt
     return {
         "sweep_dir": str(sweep_dir),
         "jobs": len(job_ids),
