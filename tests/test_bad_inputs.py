@@ -18,6 +18,7 @@ BAD_INPUTS = [
     (["+foo=1"], "+foo"),
     (["+model.foo=1"], "+model.foo"),
     (["+data.bach_size=4"], "did you mean data.batch_size"),
+    (["+trainer.limit_train_batchez=4"], "+trainer.limit_train_batchez"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
     (["trainer.precision=bogus"], "trainer.precision='bogus'"),

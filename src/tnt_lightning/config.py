@@ -221,6 +221,19 @@ def check_environment(cfg: DictConfig) -> None:
     _validate_devices(cfg)
 
 
+def _takes_argument(target: str, name: str) -> bool:
+    """Whether the class or function a config node instantiates takes the argument ``name``."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        parameters = inspect.signature(get_object(target)).parameters
+    except (ImportError, ValueError, TypeError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def check_added_keys(overrides: list[str], cfg: DictConfig, conf_dir: str) -> None:
     """``+key=value`` may add a config group option or a key the framework reads; anything else is
     a typo that would silently run another experiment. ``++key=value`` and ``extra.*`` always pass."""
@@ -238,6 +251,8 @@ def check_added_keys(overrides: list[str], cfg: DictConfig, conf_dir: str) -> No
             continue
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
+        if OmegaConf.is_dict(node) and "_target_" in node and _takes_argument(node._target_, leaf):
+            continue  # an argument of what the node builds: +trainer.limit_train_batches=10
         known = [k for k in node if k != leaf] if OmegaConf.is_dict(node) else []
         near = get_close_matches(leaf, known, n=1)
         hint = f" (did you mean {(parent + '.' if parent else '') + near[0]}?)" if near else ""
