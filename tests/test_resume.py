@@ -182,7 +182,12 @@ def test_training_killed_after_an_epoch_resumes_from_it_and_a_third_run_does_not
 
     third = run_py([*TRAIN_ARGS, "logger=csv"], tmp_path, timeout=300)
     output = third.stdout + third.stderr
-    assert third.returncode == 0 and "already trained" in output, output[-3000:]
+    assert third.returncode == 0 and "already recorded" in output, output[-3000:]  # the store skips it
+    assert epochs_run(output) == [] and len(read_records(tmp_path / "results", history=True)) == 1
+
+    again = run_py([*TRAIN_ARGS, "logger=csv", "skip_recorded=false"], tmp_path, timeout=300)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "already trained" in output, output[-3000:]  # the cache serves it
     assert epochs_run(output) == []
     record = read_records(tmp_path / "results")[-1]
     assert record["details"]["trained_now"] is False and record["details"]["resumed_from_epoch"] is None
