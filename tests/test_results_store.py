@@ -161,6 +161,7 @@ def _race(root: str, barrier, results) -> None:
     barrier.wait()
     admission = ResultsStore(root).begin("eval", "r" * 16, f"p{os.getpid()}", skip_recorded=True)
     results.put(admission.claim is not None)
+    barrier.wait()  # the holder stays alive until all have tried (a dead holder's claim is stale)
 
 
 def test_of_many_jobs_starting_together_exactly_one_claims_the_experiment(tmp_path):

@@ -320,10 +320,6 @@ class ResultsStore:
             found.append((path, holder, not holder or self._holder_is_stale(path, holder)))
         return found
 
-    def live_claims(self) -> list[dict[str, Any]]:
-        """The claims of jobs running now."""
-        return [holder for _, holder, stale in self._claims() if not stale]
-
     def stale_claims(self) -> list[Path]:
         """Claim files left by jobs that died."""
         return [path for path, _, stale in self._claims() if stale]

@@ -21,12 +21,6 @@ from .records import current_attempt, new_run_id, process_rank
 log = logging.getLogger(__name__)
 
 
-def recorded(cfg: DictConfig) -> dict[str, Any] | None:
-    """This configuration's ok record in the results store, if it was run before."""
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return ResultsStore(cfg.paths.results_dir).recorded(config["task"], config_key(config))
-
-
 def _describe(holder: dict[str, Any]) -> str:
     slurm = holder.get("slurm") or {}
     where = f"SLURM job {slurm['job_id']}" if slurm.get("job_id") else f"pid {holder.get('pid')}"

@@ -23,8 +23,6 @@ from .. import slurm
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-# Record statuses other than ok and failed; none of them counts as a result.
-STATUSES = ("ok", "failed", "interrupted", "preempted", "timed_out")
 
 
 class JobInterrupted(BaseException):
