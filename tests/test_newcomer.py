@@ -73,12 +73,10 @@ def test_quiet_silences_lightning_info_and_verbose_leaves_it():
         logger.setLevel(level)
 
 
-def test_training_progress_bar_shows_the_epoch_out_of_the_total(compose_cfg, capsys):
+def tiny_module():
+    """A one-Linear LightningModule: what the trainer tests fit."""
     import lightning as L
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from tnt_lightning.tasks.common import make_trainer
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -91,9 +89,64 @@ def test_training_progress_bar_shows_the_epoch_out_of_the_total(compose_cfg, cap
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    return Tiny()
+
+
+def test_training_progress_bar_shows_the_epoch_out_of_the_total(compose_cfg, capsys):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tnt_lightning.tasks.common import make_trainer
+
     cfg = compose_cfg("trainer=cpu")
     trainer = make_trainer(cfg, max_epochs=3, enable_checkpointing=False)
-    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2))
+    trainer.fit(tiny_module(), DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2))
     captured = capsys.readouterr()
     shown = captured.out + captured.err
     assert "Epoch 1/3" in shown and "Epoch 3/3" in shown
+
+
+def test_a_training_logs_an_estimate_of_its_duration(compose_cfg, caplog):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tnt_lightning.lit.estimate import TrainingTimeEstimate
+    from tnt_lightning.tasks.common import make_trainer
+
+    trainer = make_trainer(compose_cfg("trainer=cpu"), max_epochs=4, enable_checkpointing=False)
+    with caplog.at_level("WARNING", logger="tnt_lightning.lit.estimate"):
+        trainer.fit(tiny_module(), DataLoader(TensorDataset(torch.ones(16, 2)), batch_size=2))
+    (estimate,) = [c for c in trainer.callbacks if isinstance(c, TrainingTimeEstimate)]
+    assert estimate.estimate_s is not None and estimate.estimate_s > 0
+    (line,) = [r.getMessage() for r in caplog.records if "training time estimate" in r.getMessage()]
+    assert "4 epoch(s) of 8 steps" in line, line
+
+
+def test_an_evaluation_does_not_train_a_learned_method_on_random_weights(compose_cfg):
+    import pytest
+    from hydra.utils import instantiate
+
+    from tnt_lightning.config import UserError
+    from tnt_lightning.tasks.evaluate import build_pruned_model
+    from tnt_lightning.tasks.records import RunRecorder
+
+    cfg = compose_cfg("method=tnt", "keep_rate=0.5", "model.weights=random")
+    spec = instantiate(cfg.model)
+    expected = r"method=tnt would first be trained, \d+ epochs.*random weights.*task=train"
+    with pytest.raises(UserError, match=expected):
+        build_pruned_model(cfg, spec, True, [], RunRecorder(cfg, keep_rate=0.5))
+
+
+def test_the_offline_hub_error_names_both_ways_to_run_without_weights(compose_cfg, monkeypatch):
+    import pytest
+    from hydra.utils import instantiate
+
+    from tnt_lightning.models import backbones, create_model
+    from tnt_lightning.models.backbones import WeightsUnavailableError, load_hub_weights
+
+    monkeypatch.setattr(backbones, "_hub_cached", lambda name: False)
+    monkeypatch.setattr(backbones, "_reachable", lambda *a: False)
+    spec = instantiate(compose_cfg("model=deit_tiny_distilled").model)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_hub_weights(create_model(spec), spec)
+    assert "data=synthetic" in str(info.value) and "model.weights=random" in str(info.value)

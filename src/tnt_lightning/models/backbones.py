@@ -230,8 +230,10 @@ def load_hub_weights(model: VisionTransformer, spec: BackboneSpec, timeout_s: fl
             f"pretrained weights for {spec.name!r} ({spec.timm_name}) are not in the local cache and the "
             f"timm hub (huggingface.co) cannot be reached from this machine. Download the checkpoint "
             f"elsewhere{hint} and pass it as model.checkpoint=/path/to/file (DeiT release "
-            f"{{'model': state_dict}} .pth, timm .pth/.bin or .safetensors), or use data=synthetic "
-            f"for a cost-only run that needs no weights."
+            f"{{'model': state_dict}} .pth, timm .pth/.bin or .safetensors). Without weights: data=synthetic "
+            f"for a cost-only evaluation (GFLOPs, throughput), or model.weights=random for any task "
+            f"(its accuracy and token maps mean nothing; task=visualize also needs "
+            f"visualize.allow_random_weights=true)."
         )
     pretrained = timm.create_model(spec.timm_name, pretrained=True, num_classes=spec.num_classes)
     model.load_state_dict(pretrained.state_dict())

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 from ..lit import ImageClassifier, LastCheckpoint, OptimConfig
+from ..lit.estimate import TrainingTimeEstimate
 from ..models import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overrides: Any) -> L.Trainer:
+    """The configured Lightning trainer, with the framework's progress: the epoch out of the total
+    on the bar, and a logged estimate of a training's duration once its first steps are timed."""
+    overrides["callbacks"] = [*overrides.get("callbacks", []), TrainingTimeEstimate()]
     if cfg.trainer.get("enable_progress_bar", True):
         from ..quiet import epoch_of_total_bar
 

@@ -394,12 +394,22 @@ def raise_untrained(cfg: DictConfig, reducer: LearnedReducer, path: Path) -> Non
 
 def check_can_provide(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> None:
     """Fail before any weights load if evaluation would need training that is switched off (the
-    cached artefact is missing, or does not match its checksum)."""
-    if cfg.method.get("checkpoint") or spec.checkpoint or recipe(cfg).auto:
+    cached artefact is missing, or does not match its checksum), or training on a backbone with
+    random weights: that one runs only when asked for, as ``task=train``."""
+    if cfg.method.get("checkpoint") or spec.checkpoint:
         return
     path = training_dir(cfg, spec, reducer) / TRAINED_FILE
-    if not path.is_file() or checksum_problem(path) is not None:
+    if path.is_file() and checksum_problem(path) is None:
+        return
+    if not recipe(cfg).auto:
         raise_untrained(cfg, reducer, path)
+    if spec.weights == "random":
+        raise TrainedParametersError(
+            f"method={reducer.name} would first be trained, {int(recipe(cfg).epochs)} epochs, on model="
+            f"{spec.name} with random weights (model.weights=random), which gives meaningless heads: give "
+            f"the backbone weights (model.checkpoint=PATH), or train on it on purpose with task=train "
+            f"(same overrides) first"
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
