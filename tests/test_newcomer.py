@@ -150,3 +150,18 @@ def test_the_offline_hub_error_names_both_ways_to_run_without_weights(compose_cf
     with pytest.raises(WeightsUnavailableError) as info:
         load_hub_weights(create_model(spec), spec)
     assert "data=synthetic" in str(info.value) and "model.weights=random" in str(info.value)
+
+
+def test_the_summary_names_the_paper_protocol_only_when_it_ran(compose_cfg):
+    from tnt_lightning.tasks.common import format_summary
+
+    def summary(warmup: int, iters: int) -> str:
+        tp = dict(mode="paper", warmup=warmup, iters=iters, batch_size=32, device="cpu", threads=2)
+        record = dict(
+            task="eval", model="vit_mnist", method="none", keep_rate=1.0, data="mnist", status="ok",
+            run_id="r", metrics={"throughput_img_s": 10.0}, details={"throughput": tp},
+        )  # fmt: skip
+        return format_summary(record)
+
+    assert "(paper, batch 32" in summary(50, 30)
+    assert "(5 warm-up + 10 timed passes, batch 32" in summary(5, 10) and "paper" not in summary(5, 10)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import compose_config
-from tnt_lightning.results import ResultsStore, config_key, read_records
+from tnt_lightning.results import CONFIG_KEY_VERSION, ResultsStore, config_key, read_records
 from tnt_lightning.results.__main__ import doctor
 from tnt_lightning.results.keys import comparable_config
 from tnt_lightning.results.store import CLAIM_STALE_S
@@ -26,7 +26,7 @@ def record(i: int, status: str = "ok", key: str | None = None, task: str = "eval
         "task": task,
         "status": status,
         "config_key": key or f"{i:016x}",
-        "config_key_version": 2,
+        "config_key_version": CONFIG_KEY_VERSION,
         **extra,
     }
 
@@ -214,6 +214,21 @@ def test_what_changes_a_result_changes_its_key(change, tmp_path):
     base = compose_config(["method=topk"], tmp_path)
     other = compose_config(["method=topk", change], tmp_path)
     assert config_key(container(base)) != config_key(container(other))
+
+
+@pytest.mark.parametrize(
+    ("fixed", "changes"),
+    [
+        (["method=none"], ["keep_rate=0.3", "schedule=multi"]),
+        (["task=pretrain"], ["keep_rate=0.3", "method=topk", "schedule=multi"]),
+    ],
+)
+def test_what_cannot_change_a_result_is_left_out_of_its_key(fixed, changes, tmp_path):
+    """An unpruned evaluation is one experiment whatever the keep rate; so is a pretraining."""
+    base = config_key(container(compose_config(fixed, tmp_path)))
+    for change in changes:
+        assert config_key(container(compose_config([*fixed, change], tmp_path))) == base, change
+    assert config_key(container(compose_config([*fixed, "seed=1"], tmp_path))) != base
 
 
 def test_training_tasks_keep_the_number_of_training_processes_in_the_key(tmp_path):

@@ -13,6 +13,9 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
 * dropped while at their default, because they were added after records already existed and do
   not change those records' outcome at that default (:data:`NEUTRAL_DEFAULTS`): an older record,
   whose config lacks them, keeps its key;
+* left out where they cannot matter (since v3): the keep rate and schedule of an unpruned run
+  (``method=none``), and the method, keep rate and schedule of ``task=pretrain`` (which trains
+  the backbone alone), so a sweep over methods and keep rates evaluates the unpruned model once;
 * everything else is in: model, method, schedule, keep rate, seed, data set name and split,
   measure protocol, task.
 """
@@ -24,7 +27,7 @@ import hashlib
 import json
 from typing import Any
 
-CONFIG_KEY_VERSION = 2
+CONFIG_KEY_VERSION = 3
 
 TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
 DATA_HOW = ("root", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
@@ -88,6 +91,12 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
             kept["trainer"]["world_size"] = _world_size(trainer)
     for dotted, neutral in NEUTRAL_DEFAULTS.items():
         _drop_neutral(kept, dotted, neutral)
+    if kept.get("task") == "pretrain":
+        for unused in ("method", "keep_rate", "schedule"):
+            kept.pop(unused, None)
+    elif isinstance(kept.get("method"), dict) and kept["method"].get("name") == "none":
+        kept.pop("keep_rate", None)
+        kept.pop("schedule", None)
     return kept
 
 
