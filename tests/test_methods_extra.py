@@ -354,6 +354,35 @@ def test_ats_gflops_follow_the_kept_count_at_batch_one(tmp_path):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
+def test_ats_gflops_of_an_evaluation_are_the_mean_over_held_out_images(tmp_path):
+    """Images keep different counts, so one image's GFLOPs would stand for none: the record has
+    the mean of the per-image counts (the paper's validation-set average), with min and max."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tnt_lightning.measure import mean_gflops
+    from tnt_lightning.tasks.evaluate import first_images
+
+    model = deit_like()
+    with torch.no_grad():  # sharper attention: samples coincide, counts differ between images
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
+    run_method(model, "ats", 0.5, tmp_path)
+    assert model.reducer.image_dependent_cost
+    images = torch.randn(7, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+
+    class Held:
+        def test_dataloader(self):
+            return DataLoader(TensorDataset(images, torch.zeros(7, dtype=torch.long)), batch_size=3)
+
+    picked = list(first_images(Held(), 5))
+    assert len(picked) == 5 and all(torch.equal(a, b) for a, b in zip(picked, images[:5], strict=True))
+    each = [count_macs(model, image[None]) / 1e9 for image in picked]
+    assert len(set(each)) > 1, "the test needs images that keep different counts"
+    counted = mean_gflops(model, picked)
+    assert counted["mean"] == pytest.approx(sum(each) / 5, abs=1e-12)
+    assert (counted["min"], counted["max"], counted["images"]) == (min(each), max(each), 5)
+
+
 @pytest.mark.parametrize("method", ["spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit"])
 @pytest.mark.parametrize("prefix", [0, 1, 2])
 def test_new_methods_keep_every_prefix_token_first_and_count_only_patches(method, prefix, tmp_path):

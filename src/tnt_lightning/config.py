@@ -196,6 +196,7 @@ def validate(cfg: DictConfig) -> None:
         "measure.batch_size",
         "measure.iters",
         "measure.repeats",
+        "measure.gflops_images",
     ):
         _positive_int(cfg, key)
     for key in ("data.num_workers", "data.split_seed", "data.max_shift", "measure.warmup"):

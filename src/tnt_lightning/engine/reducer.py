@@ -86,6 +86,8 @@ class TokenReducer(nn.Module):
     prop_attn: bool = False
     # True: run on a CLS-only backbone (the DIST token removed), for the paper's EViT/DynamicViT GFLOPs.
     cls_only_backbone: bool = False
+    # True: how many tokens are kept depends on the image (ATS), so GFLOPs are averaged over images.
+    image_dependent_cost: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ ptflops and fvcore miss attention on timm ViTs (README, "Counting GFLOPs"); they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -85,3 +85,12 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int], device: torch.dev
     """GFLOPs of ``model`` at batch 1 in eval mode, as the paper reports them."""
     inputs = torch.randn(1, *input_shape, device=device)
     return count_macs(model, inputs) / 1e9
+
+
+def mean_gflops(model: nn.Module, images: Iterable[torch.Tensor]) -> dict[str, float | int]:
+    """GFLOPs at batch 1 of each image (``[C, H, W]``), averaged: for a method whose kept count
+    depends on the image (ATS), as the paper averages over the validation set."""
+    counts = [count_macs(model, image.unsqueeze(0)) / 1e9 for image in images]
+    if not counts:
+        raise ValueError("mean_gflops needs at least one image")
+    return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts), "images": len(counts)}

@@ -15,8 +15,9 @@ tokens), with block l's attention probabilities A and values V:
 its largest count with placeholder tokens of size 0: every later attention adds ``log(size)`` to
 its logits (``prop_attn``), so a placeholder gets exactly zero weight as a key, and mean pooling
 weighs tokens by size, so it never reaches the output. Placeholders cost compute (throughput
-counts them); a batch of one has none. GFLOPs are counted at batch 1, on the measuring input,
-so they follow that image's kept count (at most the S-sample count; ``bound_tokens`` gives it).
+counts them); a batch of one has none. GFLOPs are counted at batch 1 per image and averaged over
+``measure.gflops_images`` held-out images (random inputs in a cost-only run); each follows its
+image's kept count (at most the S-sample count; ``bound_tokens`` gives it).
 Deviation: Haurum's multi-stage code can sample a padding token of an earlier stage back into a
 batch; here placeholders are never candidates (identical at batch 1).
 
@@ -80,6 +81,7 @@ class ATS(AbsoluteStages):
     site = Site.INSIDE
     requires_class_token = True
     prop_attn = True  # placeholders (size 0) get no attention
+    image_dependent_cost = True
 
     def __init__(self, blocks: Sequence[int], ratios: Sequence[float], seed: int = 0) -> None:
         super().__init__(blocks, ratios, seed=seed)

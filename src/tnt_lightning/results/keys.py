@@ -46,6 +46,7 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "model.trust_pickle": (False,),
     "method.trust_pickle": (False,),
     "visualize.allow_random_weights": (False,),
+    "measure.gflops_images": (100,),
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
@@ -14,7 +16,7 @@ from ..config import ConfigError
 from ..data import ClassificationDataModule
 from ..engine import apply_reducer, backbone_info
 from ..lit import ImageClassifier
-from ..measure import count_gflops, measure_throughput
+from ..measure import count_gflops, mean_gflops, measure_throughput
 from ..methods import LearnedReducer, build_reducer
 from ..models import BackboneSpec, count_parameters, create_model, drop_distillation_token, load_weights
 from ..results import results_path
@@ -37,6 +39,17 @@ def check_data_fits_model(datamodule: ClassificationDataModule, spec: BackboneSp
             f"data={datamodule.name} gives inputs of shape {tuple(data_shape)} but model={spec.name} "
             f"expects model.input_size={list(spec.input_size)}"
         )
+
+
+def first_images(datamodule: ClassificationDataModule, count: int) -> Iterator[torch.Tensor]:
+    """The first ``count`` images of the test split (set up by the test pass), one at a time."""
+    seen = 0
+    for images, _ in datamodule.test_dataloader():
+        taken = images[: count - seen]
+        yield from taken
+        seen += len(taken)
+        if seen >= count:
+            return
 
 
 def build_pruned_model(
@@ -91,8 +104,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model = build_pruned_model(cfg, spec, datamodule.has_labels, loggers, recorder)
         recorder.metrics.update(count_parameters(model))
 
-        if cfg.measure.gflops:
+        image_dependent = getattr(model, "reducer", None) is not None and model.reducer.image_dependent_cost
+        if cfg.measure.gflops and not (image_dependent and datamodule.has_labels):
             recorder.metrics["gflops"] = count_gflops(model, spec.input_size)
+            if image_dependent:
+                recorder.details["gflops_over"] = "one random input (cost-only run)"
         if datamodule.has_labels:
             trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
             (result,) = trainer.test(ImageClassifier(model, datamodule.num_classes), datamodule=datamodule)
@@ -100,6 +116,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if getattr(datamodule, "bad_images", 0):  # data.on_bad_image=skip left these out
                 recorder.details["bad_images"] = datamodule.bad_images
                 recorder.details["bad_image_paths"] = [str(p) for p in datamodule.bad_image_paths]
+            if cfg.measure.gflops and image_dependent:
+                counted = mean_gflops(model, first_images(datamodule, cfg.measure.gflops_images))
+                recorder.metrics["gflops"] = counted.pop("mean")
+                recorder.details["gflops_over"] = {"held_out_images": counted.pop("images"), **counted}
         if cfg.measure.throughput:
             device = resolve_device(cfg.measure.device)
             tp = measure_throughput(
