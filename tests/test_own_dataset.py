@@ -25,6 +25,7 @@ CHEAP = [
     "data.eval_batch_size=16",
     "data.num_workers=0",
     "measure.throughput=false",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -74,6 +75,8 @@ def test_readme_own_dataset_commands_run_as_written(tmp_path):
     assert {r["status"] for r in records} == {"ok"}
     pretrain, *evals = records
     assert pretrain["task"] == "pretrain" and pretrain["data"] == "imagefolder"
+    curves = [p.read_text() for p in (work / "outputs").rglob("metrics.csv")]
+    assert any("train/loss" in c and "val/acc1" in c for c in curves), "task=pretrain logs its curves"
     assert {(r["method"], r["keep_rate"]) for r in evals} >= {("random", 0.5), ("topk", 0.7), ("tome", 0.5)}
     assert all(r["details"]["weights"].startswith("pretrain:") for r in evals)
     (backbone,) = (work / "cache" / "backbones").glob("vit_scratch-*.pth")

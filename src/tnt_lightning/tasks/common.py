@@ -113,8 +113,12 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overri
     return instantiate(cfg.trainer, logger=loggers, **overrides)
 
 
-def pretrain_fn(cfg: DictConfig):
-    """The recipe that trains a small backbone from scratch (``model.pretrain``), for the cache."""
+def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
+    """The recipe that trains a small backbone from scratch (``model.pretrain``), for the cache.
+
+    ``task=pretrain`` passes its loggers (loss, lr and validation curves go to its W&B run); a
+    pretraining that another task triggers logs to the console only, so that the job's own run does
+    not get two trainings' steps on one axis."""
 
     def pretrain(model: VisionTransformer, spec: BackboneSpec, workdir: Path | None = None) -> dict[str, Any]:
         """Train ``model`` in place; with a ``workdir``, keep ``last.ckpt`` there every epoch and
@@ -144,6 +148,7 @@ def pretrain_fn(cfg: DictConfig):
             )
         trainer = make_trainer(
             cfg,
+            loggers,
             max_epochs=recipe.epochs,
             callbacks=checkpoints,
             enable_checkpointing=bool(checkpoints),

@@ -28,7 +28,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
 
         def train_and_keep(model, spec_, workdir):
-            metrics.update(pretrain_fn(cfg)(model, spec_, workdir))
+            metrics.update(pretrain_fn(cfg, loggers)(model, spec_, workdir))
             recorder.metrics.update(count_parameters(model))
             return metrics
 
