@@ -1,5 +1,10 @@
-"""Every bad input fails early through run.py: non-zero exit, one line naming the key or file, and
-nothing expensive (a backbone's training, a model's weights, a record) done before it."""
+"""Every bad input fails early: a user error naming the key or file, and nothing expensive (a
+backbone's training, a model's weights, a record) done before it.
+
+Every case goes through what run.py does (compose, the ``+key`` check, :func:`run_task`) in this
+process; one case of each kind also goes through run.py itself, to see the exit status 2 and the
+one ``error:`` line without a traceback (a process start costs seconds; 43 of them would cost
+minutes)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import time
 
 import pytest
 
-from conftest import run_py
+from conftest import CONF, compose_config, run_py
+from tnt_lightning.config import UserError, check_added_keys
+from tnt_lightning.tasks import run_task
 
 # (overrides, what the message must name). "{tmp}" is the test's root folder.
 BAD_INPUTS = [
@@ -64,20 +71,44 @@ FAILS_AT_BUILD = [
 
 
 CASES = [(*case, False) for case in BAD_INPUTS] + [(*case, True) for case in FAILS_AT_BUILD]
+THROUGH_RUN_PY = [
+    (["keep_rate=1.5"], "keep_rate=1.5", False),
+    (["+keep_rat=0.3"], "did you mean keep_rate", False),
+    (["trainer.devices=abc"], "trainer.devices='abc'", False),
+    (["paths.results_dir=/proc/tnt-results"], "paths.results_dir='/proc/tnt-results'", False),
+    (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5", True),
+]
+
+
+def no_expensive_work_done(root, output: str, recorded: bool) -> None:
+    assert not (root / "cache").exists() and "training backbone" not in output
+    assert (root / "results" / "results.jsonl").exists() == recorded
 
 
 @pytest.mark.parametrize("overrides,named,recorded", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_fails_early_in_one_line_naming_itself(overrides, named, recorded, tmp_path):
+def test_bad_input_fails_early_naming_itself(overrides, named, recorded, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("WANDB_API_KEY", "")
     args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     start = time.time()
-    proc = run_py(args, tmp_path, timeout=120, env={"HYDRA_FULL_ERROR": "", "WANDB_API_KEY": ""})
-    seconds = time.time() - start
+    with pytest.raises(UserError) as failure:
+        cfg = compose_config(args, tmp_path)
+        check_added_keys(args, cfg, str(CONF))
+        run_task(cfg)
+    assert named in str(failure.value), str(failure.value)
+    assert "\n" not in str(failure.value), "one line"
+    no_expensive_work_done(tmp_path, capsys.readouterr().out, recorded)
+    assert time.time() - start < 30
+
+
+@pytest.mark.parametrize(
+    "overrides,named,recorded", THROUGH_RUN_PY, ids=[" ".join(c[0]) for c in THROUGH_RUN_PY]
+)
+def test_run_py_prints_one_error_line_and_exits_2(overrides, named, recorded, tmp_path):
+    proc = run_py(overrides, tmp_path, timeout=120, env={"HYDRA_FULL_ERROR": "", "WANDB_API_KEY": ""})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and named in last, last
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "cache").exists() and "training backbone" not in output
-    assert (tmp_path / "results" / "results.jsonl").exists() == recorded
-    assert seconds < 60
+    no_expensive_work_done(tmp_path, output, recorded)
