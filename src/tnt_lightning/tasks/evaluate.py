@@ -111,7 +111,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 recorder.details["gflops_over"] = "one random input (cost-only run)"
         if datamodule.has_labels:
             trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
-            (result,) = trainer.test(ImageClassifier(model, datamodule.num_classes), datamodule=datamodule)
+            # verbose=False: Lightning's metric box repeats what the summary prints (verbose=true keeps it)
+            (result,) = trainer.test(
+                ImageClassifier(model, datamodule.num_classes), datamodule=datamodule, verbose=bool(cfg.verbose)
+            )
             recorder.metrics.update(acc1=result["test/acc1"], acc5=result["test/acc5"])
             if getattr(datamodule, "bad_images", 0):  # data.on_bad_image=skip left these out
                 recorder.details["bad_images"] = datamodule.bad_images
