@@ -112,9 +112,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if datamodule.has_labels:
             trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
             # verbose=False: Lightning's metric box repeats what the summary prints (verbose=true keeps it)
-            (result,) = trainer.test(
-                ImageClassifier(model, datamodule.num_classes), datamodule=datamodule, verbose=bool(cfg.verbose)
-            )
+            classifier = ImageClassifier(model, datamodule.num_classes)
+            (result,) = trainer.test(classifier, datamodule=datamodule, verbose=bool(cfg.verbose))
             recorder.metrics.update(acc1=result["test/acc1"], acc5=result["test/acc5"])
             if getattr(datamodule, "bad_images", 0):  # data.on_bad_image=skip left these out
                 recorder.details["bad_images"] = datamodule.bad_images
