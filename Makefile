@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo report
+	slurm-submit slurm-status test-slurm demo study report
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -132,3 +132,18 @@ demo: ## The embedded default end to end, offline: baseline, all-methods sweep, 
 	$(PYTHON) run.py -m task=visualize method=topk,etps,tnt,dynamicvit keep_rate=0.3 $(DEMO_MAPS)
 	$(PYTHON) run.py task=visualize method=tome keep_rate=0.7 $(DEMO_MAPS)
 	$(PYTHON) -m tnt_lightning.report --sweep mnist_all $(REPORT_ARGS)
+
+# The embedded study in the paper's token regime (vit_cmnist on cluttered MNIST, 196 tokens):
+# baseline, every method x K = 0.7, 0.5, 0.3, 0.2 single-layer with two seeds, ToMe at K = 0.7 and
+# 0.5 (it merges at most half of the tokens in one layer), the multi-layer defaults, token maps of
+# Top-K, TNT and DynamicViT at K = 0.3, and the report of every cluttered_mnist run in
+# reports/cmnist_study (under TNT_ROOT if set). Every step must succeed.
+STUDY = model=vit_cmnist data=cluttered_mnist measure=quick sweep_name=cmnist_study skip_recorded=true
+STUDY_MAPS = $(STUDY) 'visualize.out_dir=$${paths.root_dir}/reports/token_maps_cmnist'
+study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offline: sweep, token maps, report
+	$(PYTHON) run.py $(STUDY)
+	$(PYTHON) run.py -m +sweep=cmnist_study
+	$(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5
+	$(PYTHON) run.py -m +sweep=cmnist_study_multi
+	$(PYTHON) run.py -m task=visualize method=topk,tnt,dynamicvit keep_rate=0.3 $(STUDY_MAPS)
+	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)

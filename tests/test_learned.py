@@ -4,6 +4,7 @@ trained-parameter files, and the early errors of METHODS.md sections 1, 5 and 8.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,13 +16,14 @@ from tnt_lightning.engine import ReductionError, Tokens, apply_reducer, backbone
 from tnt_lightning.engine.attention import softmax_with_policy
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
-from tnt_lightning.models import create_model
+from tnt_lightning.models import create_model, save_artefact
 from tnt_lightning.tasks.train import (
     TrainedParametersError,
     check_can_provide,
     load_trained,
     recipe,
     training_dir,
+    training_identity,
 )
 
 torch.set_num_threads(1)
@@ -331,3 +333,78 @@ def test_checkpoints_hold_only_the_trained_parameters():
         "model.reducer.alpha_heads.1.weight",
     ]
     assert math.isclose(sum(v.numel() for v in checkpoint["state_dict"].values()), 2 * 49)
+
+
+# -- backbone fine-tuning (method.train.backbone_lr_scale) ------------------------------------------
+
+
+def _dynamicvit_module(scale: float) -> TokenReductionModule:
+    model = tiny_vit(depth=4)
+    apply_reducer(model, DynamicViT(backbone_info(model), [1], [0.5]))
+    return TokenReductionModule(model, 10, OptimConfig(lr=1e-3), backbone_lr_scale=scale)
+
+
+def test_a_fine_tuned_backbone_trains_at_its_fraction_of_the_lr_against_a_frozen_teacher():
+    module = _dynamicvit_module(0.01)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    assert lrs == pytest.approx([1e-5, 1e-3])
+    backbone = dict(module.backbone_parameters())
+    assert "blocks.0.attn.qkv.weight" in backbone and not any(n.startswith("reducer.") for n in backbone)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    before = module.model.blocks[0].attn.qkv.weight.detach().clone()
+    module._set_modes()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = module.reducer.training_loss(module.model, x, y, 0.1, module.teacher)
+    out.loss.backward()
+    optimizer.step()
+    assert not torch.equal(module.model.blocks[0].attn.qkv.weight, before)
+    assert torch.equal(module.teacher.blocks[0].attn.qkv.weight, before)  # the pretrained teacher
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert "model.blocks.0.attn.qkv.weight" in checkpoint["state_dict"]
+    assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+
+
+def test_a_frozen_backbone_gets_no_optimizer_group_and_no_teacher_copy():
+    module = _dynamicvit_module(0.0)
+    assert module.teacher is None and module.backbone_parameters() == []
+    assert all(n.startswith("reducer.") for n, p in module.model.named_parameters() if p.requires_grad)
+
+
+def test_backbone_fine_tuning_is_in_the_artefact_key_and_frozen_keeps_the_old_key(tmp_path):
+    def key(*overrides):
+        cfg = compose_config(
+            ["method=dynamicvit", "model=vit_cmnist", "data=cluttered_mnist", *overrides], tmp_path
+        )
+        spec = instantiate(cfg.model)
+        reducer, _ = build_reducer(
+            cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))
+        )
+        return training_dir(cfg, spec, reducer), training_identity(cfg, spec, reducer)
+
+    tuned, frozen = key(), key("method.train.backbone_lr_scale=0")
+    assert tuned[1]["recipe"]["backbone_lr_scale"] == 0.01  # the official recipe's default
+    assert tuned[0] != frozen[0]
+    assert "backbone_lr_scale" not in frozen[1]["recipe"]  # artefacts trained before the option match
+
+
+def test_trained_file_with_a_fine_tuned_backbone_loads_it_into_the_model(tmp_path):
+    model = tiny_vit(depth=4)
+    reducer = DynamicViT(backbone_info(model), [1], [0.5])
+    tuned = tiny_vit(depth=4, seed=1).state_dict()
+    path = tmp_path / "trained.pth"
+    save_artefact(
+        {
+            "method": "dynamicvit",
+            "model": "tiny",
+            "identity": {"method": reducer.training_key()},
+            "state_dict": dict(reducer.state_dict()),
+            "backbone": tuned,
+        },
+        path,
+    )
+    info = load_trained(reducer, path, model=model)
+    assert "fine-tuned" in info["backbone"]
+    assert torch.equal(model.blocks[2].mlp.fc1.weight, tuned["blocks.2.mlp.fc1.weight"])

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import logging
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -337,7 +338,7 @@ def tnt_setup(tmp_path, monkeypatch):
 
     def fake_fit(cfg_, spec_, workdir, loggers):
         fits.append(workdir)
-        return reducer, {"val_acc1": 1.0, "val_acc1_full": 2.0}
+        return SimpleNamespace(reducer=reducer, teacher=None), {"val_acc1": 1.0, "val_acc1_full": 2.0}
 
     monkeypatch.setattr(train_module, "fit", fake_fit)
     return cfg, spec, reducer, fits

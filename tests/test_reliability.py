@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -133,7 +134,8 @@ def _rank(rank: int, setup, queue) -> None:
     cfg, spec, reducer = setup
     train_module.rank_zero_only.rank = rank
     fits = []
-    train_module.fit = lambda *args: fits.append(rank) or (reducer, {"val_acc1": 1.0, "val_acc1_full": 2.0})
+    module = SimpleNamespace(reducer=reducer, teacher=None)
+    train_module.fit = lambda *args: fits.append(rank) or (module, {"val_acc1": 1.0, "val_acc1_full": 2.0})
     path, trained = train_module.ensure_trained(cfg, spec, reducer)
     queue.put((rank, trained, len(fits)))
 

@@ -1,6 +1,7 @@
-"""DataModules: MNIST digits (offline default), ImageNet/image folders, synthetic tensors."""
+"""DataModules: MNIST digits (offline default), cluttered MNIST, ImageNet/image folders, synthetic tensors."""
 
 from .base import ClassificationDataModule
+from .cluttered_mnist import ClutteredMNISTDataModule
 from .folder import BadImageError, DataLayoutError, ImageFolderDataModule, load_rgb, weights_relevant
 from .mnist import MNISTDataModule
 from .synthetic import SyntheticDataModule
@@ -9,6 +10,7 @@ from .transforms import deit_eval_transform, deit_train_transform
 __all__ = [
     "BadImageError",
     "ClassificationDataModule",
+    "ClutteredMNISTDataModule",
     "DataLayoutError",
     "ImageFolderDataModule",
     "MNISTDataModule",

@@ -278,6 +278,7 @@ def weights_relevant(data: dict[str, Any] | None) -> dict[str, Any] | None:
     ignored = {
         "num_workers",
         "pin_memory",
+        "cache_dir",
         "eval_batch_size",
         "on_bad_image",
         "train_overrides",

@@ -75,10 +75,11 @@ class MNISTDataModule(ClassificationDataModule):
         image_size: int = 28,
     ) -> None:
         super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
-        if (channels, image_size) != (1, 28):
+        c, size = self.input_size[0], self.input_size[-1]
+        if (channels, image_size) != (c, size):
             raise ValueError(
-                f"data=mnist is 1x28x28 digits: data.channels={channels} data.image_size={image_size} "
-                f"cannot be changed"
+                f"data={name} is {c}x{size}x{size} images: data.channels={channels} "
+                f"data.image_size={image_size} cannot be changed"
             )
         if not 0 < train_per_class < 500:
             raise ValueError(

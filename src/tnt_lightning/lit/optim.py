@@ -41,11 +41,14 @@ class OptimConfig:
         self.betas = tuple(self.betas)
 
 
-def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
     """timm's rule: no weight decay on biases and other 1-D parameters (norms, tokens)."""
     decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -65,14 +68,24 @@ def epoch_lr(cfg: OptimConfig, epoch: int, epochs: int) -> float:
 
 
 def build_optimizer(
-    named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, steps_per_epoch: int, epochs: int
+    named_params: list[tuple[str, nn.Parameter]],
+    cfg: OptimConfig,
+    steps_per_epoch: int,
+    epochs: int,
+    scaled: tuple[list[tuple[str, nn.Parameter]], float] = ([], 1.0),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and a LambdaLR stepped every optimisation step (both schedules are expressed per step)."""
+    """AdamW and a LambdaLR stepped every optimisation step (both schedules are expressed per step).
+
+    ``scaled``: more parameters and the factor their lr is of ``cfg.lr`` at every step (a
+    fine-tuned backbone at 0.01x, as DynamicViT's recipe).
+    """
     if not named_params:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(
-        param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
-    )
+    extra, scale = scaled
+    groups = param_groups(named_params, cfg.weight_decay, cfg.lr)
+    if extra:
+        groups += param_groups(extra, cfg.weight_decay, cfg.lr * scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     steps_per_epoch = max(1, steps_per_epoch)
     total = steps_per_epoch * max(1, epochs)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))

@@ -1,13 +1,16 @@
-"""One LightningModule for every learned method: a frozen backbone, only the method's parameters train.
+"""One LightningModule for every learned method: the method's parameters train, the backbone is
+frozen or fine-tuned at a fraction of their lr (``backbone_lr_scale``, DynamicViT's 0.01x).
 
 The method supplies its loss (:meth:`LearnedReducer.training_loss`); this module supplies the
-rest of the recipe: the frozen backbone kept in the mode the recipe says after every ``fit`` step,
+rest of the recipe: the backbone kept in the mode the recipe says after every ``fit`` step,
 mixup/cutmix with soft targets, AdamW with the recipe's schedule, validation of the pruned model
-*and* of the full-token model, and checkpoints that hold only the trained parameters.
+*and* of the full-token model, a frozen copy of the pretrained backbone as the distillation
+teacher when the backbone trains, and checkpoints that hold only the trained parameters.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ from .optim import OptimConfig, build_optimizer
 
 
 class TokenReductionModule(ImageClassifier):
-    """Trains ``model.reducer``'s parameters on a frozen ``model`` (a timm ViT with a reducer applied)."""
+    """Trains ``model.reducer``'s parameters on ``model`` (a timm ViT with a reducer applied), whose
+    backbone is frozen (``backbone_lr_scale=0``) or trains at ``backbone_lr_scale`` x their lr."""
 
     def __init__(
         self,
@@ -31,13 +35,18 @@ class TokenReductionModule(ImageClassifier):
         label_smoothing: float = 0.1,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        backbone_lr_scale: float = 0.0,
     ) -> None:
         super().__init__(model, num_classes, optim, label_smoothing)
         reducer: LearnedReducer = model.reducer
         self.reducer = reducer
+        self.backbone_lr_scale = backbone_lr_scale
         trainable = reducer.trainable_parameters()  # asked before freezing: it may read requires_grad
-        for p in model.parameters():
-            p.requires_grad_(False)
+        # The teacher is the pretrained backbone as it was before any step (the official recipe's
+        # separate teacher model); frozen, not saved.
+        self.teacher = copy.deepcopy(model).requires_grad_(False).eval() if backbone_lr_scale > 0 else None
+        for name, p in model.named_parameters():
+            p.requires_grad_(backbone_lr_scale > 0 and not name.startswith("reducer."))
         for _, p in trainable:
             p.requires_grad_(True)
         self.mixup = None
@@ -76,7 +85,7 @@ class TokenReductionModule(ImageClassifier):
         targets = y
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, targets = self.mixup(x, y)
-        out = self.reducer.training_loss(self.model, x, targets, self.label_smoothing)
+        out = self.reducer.training_loss(self.model, x, targets, self.label_smoothing, self.teacher)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in out.stats.items():
@@ -85,7 +94,7 @@ class TokenReductionModule(ImageClassifier):
 
     def _eval_step(self, batch, stage: str) -> None:
         super()._eval_step(batch, stage)
-        if stage in self.acc1_full:  # the frozen backbone's accuracy cannot change: measured once
+        if stage in self.acc1_full:  # a frozen backbone's accuracy cannot change: measured once
             return
         x, y = batch
         with self.model.reduction_disabled():
@@ -98,7 +107,7 @@ class TokenReductionModule(ImageClassifier):
             metric = self.metrics[f"{stage}_acc1_full"]
             value = 100.0 * metric.compute()
             metric.reset()
-            if not self.trainer.sanity_checking:  # the sanity check sees a few batches only
+            if not self.trainer.sanity_checking and self.teacher is None:  # sanity: a few batches only
                 self.acc1_full[stage] = value
         self.log(f"{stage}/acc1_full", value)
 
@@ -106,12 +115,22 @@ class TokenReductionModule(ImageClassifier):
         steps = self.trainer.estimated_stepping_batches
         epochs = max(1, self.trainer.max_epochs or 1)
         optimizer, scheduler = build_optimizer(
-            self.reducer.trainable_parameters(), self.optim, max(1, steps // epochs), epochs
+            self.reducer.trainable_parameters(),
+            self.optim,
+            max(1, steps // epochs),
+            epochs,
+            scaled=(self.backbone_parameters(), self.backbone_lr_scale),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The backbone's parameters that train (none when it is frozen)."""
+        named = self.model.named_parameters()
+        return [(n, p) for n, p in named if p.requires_grad and not n.startswith("reducer.")]
 
     # -- checkpoints: only what trains -----------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained = {f"model.reducer.{n}" for n, _ in self.reducer.trainable_parameters()}
+        trained |= {f"model.{n}" for n, _ in self.backbone_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}

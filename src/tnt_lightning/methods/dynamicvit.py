@@ -210,16 +210,23 @@ class DynamicViT(LearnedReducer):
         }
 
     def training_loss(
-        self, model: nn.Module, x: Tensor, targets: Tensor, label_smoothing: float
+        self,
+        model: nn.Module,
+        x: Tensor,
+        targets: Tensor,
+        label_smoothing: float,
+        teacher: nn.Module | None = None,
     ) -> TrainingOutput:
-        """The official loss, against the frozen backbone run unpruned in eval mode as the teacher."""
+        """The official loss, against the frozen pretrained backbone run unpruned in eval mode as the
+        teacher (``model`` itself unless its backbone is being fine-tuned)."""
         p = self.info.num_prefix
         features = model.forward_features(x)
         logits = model.forward_head(features)
         kept = model.last_tokens.policy[:, p:, 0].detach() > 0.5
-        with torch.no_grad(), model.reduction_disabled(), eval_mode(model):
-            teacher_features = model.forward_features(x)
-            teacher_logits = model.forward_head(teacher_features)
+        teacher = model if teacher is None else teacher
+        with torch.no_grad(), teacher.reduction_disabled(), eval_mode(teacher):
+            teacher_features = teacher.forward_features(x)
+            teacher_logits = teacher.forward_head(teacher_features)
 
         cls_loss = classification_loss(logits, targets, label_smoothing)
         ratio_loss = sum(

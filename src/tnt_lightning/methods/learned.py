@@ -45,8 +45,16 @@ class LearnedReducer(TokenReducer):
         raise NotImplementedError
 
     def training_loss(
-        self, model: nn.Module, x: Tensor, targets: Tensor, label_smoothing: float
+        self,
+        model: nn.Module,
+        x: Tensor,
+        targets: Tensor,
+        label_smoothing: float,
+        teacher: nn.Module | None = None,
     ) -> TrainingOutput:
+        """The method's loss on a batch. ``teacher``: the frozen pretrained backbone (with this
+        reducer applied) for methods that distil from it, given when ``model``'s backbone is itself
+        being fine-tuned; None: ``model`` run unpruned is the teacher (its backbone is frozen)."""
         raise NotImplementedError
 
     def check_trainable(self) -> None:

@@ -96,7 +96,12 @@ class SoftMergeReducer(AbsoluteStages, LearnedReducer):
         return {"method": self.name, "blocks": self.blocks, "keep_ratios": self.ratios, **self.options()}
 
     def training_loss(
-        self, model: nn.Module, x: Tensor, targets: Tensor, label_smoothing: float
+        self,
+        model: nn.Module,
+        x: Tensor,
+        targets: Tensor,
+        label_smoothing: float,
+        teacher: nn.Module | None = None,
     ) -> TrainingOutput:
         """Haurum's loss for these methods: cross-entropy of the reduced model (no distillation)."""
         logits = model(x)

@@ -262,7 +262,12 @@ class TNT(LearnedReducer):
         }
 
     def training_loss(
-        self, model: nn.Module, x: Tensor, targets: Tensor, label_smoothing: float
+        self,
+        model: nn.Module,
+        x: Tensor,
+        targets: Tensor,
+        label_smoothing: float,
+        teacher: nn.Module | None = None,
     ) -> TrainingOutput:
         """Cross-entropy on the CLS head only: the official loss ignores a distilled model's DIST head."""
         features = model.forward_features(x)

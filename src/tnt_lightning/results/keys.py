@@ -30,7 +30,7 @@ from typing import Any
 CONFIG_KEY_VERSION = 3
 
 TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
-DATA_HOW = ("root", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
+DATA_HOW = ("root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
 TRAINER_OUTCOME = ("precision", "accumulate_grad_batches", "gradient_clip_val", "deterministic")
 TRAINING_TASKS = ("train", "train_eval", "pretrain")
 # Keys added after config_key v2's first records: dotted key -> the values at which it is left out
@@ -47,6 +47,7 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "method.trust_pickle": (False,),
     "visualize.allow_random_weights": (False,),
     "measure.gflops_images": (100,),
+    "method.train.backbone_lr_scale": (0.0,),
 }
 
 

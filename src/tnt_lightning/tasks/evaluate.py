@@ -81,7 +81,10 @@ def build_pruned_model(
     weights, extra = load_weights(model, spec, cfg.paths.cache_dir, has_labels, pretrain_fn(cfg))
     recorder.details["weights"] = weights
     if learned:
-        recorder.details["method_weights"] = given or provide_trained(cfg, spec, reducer, extra, loggers)
+        if given is not None and "backbone" in given:  # its fine-tuned backbone replaces the weights
+            load_given_trained(cfg, spec, reducer, model)
+        provided = given or provide_trained(cfg, spec, reducer, extra, loggers, model)
+        recorder.details["method_weights"] = provided
     elif isinstance(reducer, LearnedReducer):
         recorder.details["method_weights"] = "untrained (cost-only run)"
     if reducer is not None:

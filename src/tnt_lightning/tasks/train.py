@@ -5,7 +5,8 @@ A trained artefact is identified by what determines it: the method's training op
 DynamicViT predictor does), the backbone and its weights, the data, the recipe and the seed. It
 lives in ``<cache_dir>/methods/<method>-<model>-<hash>/``: ``last.ckpt`` (Lightning, for resuming
 a killed run) while training, then ``trained.pth`` (only the trained parameters, with that
-identity). A file lock lets one job train while concurrent jobs wait, then load.
+identity; with ``method.train.backbone_lr_scale`` > 0 also the fine-tuned backbone, which
+loading applies). A file lock lets one job train while concurrent jobs wait, then load.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from .. import slurm
 from ..config import ConfigError, UserError
@@ -38,6 +40,7 @@ from ..models import (
     BackboneSpec,
     check_checkpoint,
     create_model,
+    load_backbone_state,
     load_weight_file,
     load_weights,
     pretrained_path,
@@ -56,7 +59,15 @@ TRAINED_FILE = "trained.pth"
 TRAINED_KEYS = ("method", "model", "identity", "state_dict")
 # Recipe keys that do not change the trained parameters.
 RECIPE_VOLATILE = ("auto", "val_keep_rate")
-DATA_VOLATILE = ("_target_", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_overrides")
+DATA_VOLATILE = (
+    "_target_",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "pin_memory",
+    "train_overrides",
+    "cache_dir",
+)
 
 
 class TrainedParametersError(UserError, RuntimeError):
@@ -96,6 +107,8 @@ def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     rec = {
         k: v for k, v in OmegaConf.to_container(recipe(cfg), resolve=True).items() if k not in RECIPE_VOLATILE
     }
+    if not rec.get("backbone_lr_scale"):  # a frozen backbone: the key of artefacts trained before it existed
+        rec.pop("backbone_lr_scale", None)
     return {
         "method": reducer.training_key(),
         "backbone": backbone_identity(spec, cfg.paths.cache_dir),
@@ -125,8 +138,9 @@ def training_config(cfg: DictConfig) -> DictConfig:
 
 def fit(
     cfg: DictConfig, spec: BackboneSpec, workdir: Path, loggers: list[Logger] | bool
-) -> tuple[LearnedReducer, dict]:
-    """Train the method's parameters on the frozen backbone, resuming from ``workdir/last.ckpt``."""
+) -> tuple[TokenReductionModule, dict]:
+    """Train the method's parameters (and the backbone, if the recipe fine-tunes it), resuming from
+    ``workdir/last.ckpt``."""
     rec = recipe(cfg)
     L.seed_everything(cfg.seed, workers=True)
     train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
@@ -168,6 +182,7 @@ def fit(
         label_smoothing=rec.label_smoothing,
         mixup=rec.mixup,
         cutmix=rec.cutmix,
+        backbone_lr_scale=backbone_lr_scale(rec),
     )
     start = checkpoints.resume_point()
     if start is not None:
@@ -191,7 +206,15 @@ def fit(
         "resumed_from_epoch": start["epochs_done"] if start is not None else None,
         "resumed_from_step": start["global_step"] if start is not None else None,
     }
-    return reducer, metrics
+    return module, metrics
+
+
+def backbone_lr_scale(rec: DictConfig) -> float:
+    """The recipe's backbone lr as a fraction of the method's (0: frozen backbone)."""
+    scale = float(rec.get("backbone_lr_scale") or 0.0)
+    if scale < 0:
+        raise ConfigError(f"method.train.backbone_lr_scale={scale} must be >= 0 (0: frozen backbone)")
+    return scale
 
 
 def ensure_trained(
@@ -245,18 +268,21 @@ def ensure_trained(
                 int(recipe(cfg).epochs),
                 final,
             )
-            trained, metrics = fit(cfg, spec, workdir, loggers)
-            state = {n: p.detach().cpu() for n, p in trained.trainable_parameters()}
-            save_artefact(
-                {
-                    "method": reducer.name,
-                    "model": spec.name,
-                    "identity": training_identity(cfg, spec, reducer),
-                    "state_dict": state,
-                    "metrics": metrics,
-                },
-                final,
-            )
+            module, metrics = fit(cfg, spec, workdir, loggers)
+            artefact = {
+                "method": reducer.name,
+                "model": spec.name,
+                "identity": training_identity(cfg, spec, reducer),
+                "state_dict": {n: p.detach().cpu() for n, p in module.reducer.trainable_parameters()},
+                "metrics": metrics,
+            }
+            if module.teacher is not None:  # the backbone was fine-tuned: it is part of the artefact
+                artefact["backbone"] = {
+                    k: v.detach().cpu()
+                    for k, v in module.model.state_dict().items()
+                    if not k.startswith("reducer.")
+                }
+            save_artefact(artefact, final)
             (workdir / "last.ckpt").unlink(missing_ok=True)
             log.info("trained %s: %s", reducer.name, metrics)
     finally:
@@ -301,13 +327,16 @@ def load_trained(
     spec: BackboneSpec | None = None,
     source: str | None = None,
     trust_pickle: bool = False,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Load trained parameters: ours (``trained.pth``) or an official checkpoint (TNT, DynamicViT).
 
     Ours are checked against the method and backbone they were trained for; official ones by key
     names and shapes. ``source`` names a cache file; without it the file is the user's
     ``method.checkpoint``, which ``trust_pickle`` (``method.trust_pickle``) may let unpickle
-    objects. Returns what the file says about itself.
+    objects. A file trained with a fine-tuned backbone (``backbone_lr_scale`` > 0) holds that
+    backbone too, loaded into ``model`` when one is given (its pretrained weights already loaded).
+    Returns what the file says about itself.
     """
     path = Path(path).expanduser()
     trust_key = "method.trust_pickle" if source is None else None
@@ -326,21 +355,30 @@ def load_trained(
                 f"{source} was trained with {trained_for}, but this run needs {reducer.training_key()}"
             )
         load_state(reducer, state_dict_of(obj.get("state_dict"), source), source)
-        return {"source": str(path), "metrics": obj.get("metrics", {})}
+        info = {"source": str(path), "metrics": obj.get("metrics", {})}
+        if "backbone" in obj:
+            info["backbone"] = "fine-tuned with the method (from this file)"
+            if model is not None:
+                load_backbone_state(model, state_dict_of(obj["backbone"], source), f"{source} (backbone)")
+        return info
     load_state(reducer, state_dict_of(obj, source), f"{source} (official checkpoint)")
     return {"source": f"official:{path}"}
 
 
-def load_given_trained(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> dict[str, Any] | None:
+def load_given_trained(
+    cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer, model: nn.Module | None = None
+) -> dict[str, Any] | None:
     """Load ``method.checkpoint`` into ``reducer`` if one is given (None if not).
 
-    It needs no backbone weights, so tasks call it first: an unusable file fails before any
-    pretraining or weight loading.
+    It needs no backbone weights, so tasks call it first (without ``model``): an unusable file
+    fails before any pretraining or weight loading. A file that holds a fine-tuned backbone is
+    loaded again with ``model`` once the pretrained weights are in.
     """
     path = cfg.method.get("checkpoint")
     if not path:
         return None
-    return load_trained(reducer, path, spec, trust_pickle=bool(cfg.method.get("trust_pickle", False)))
+    trust = bool(cfg.method.get("trust_pickle", False))
+    return load_trained(reducer, path, spec, trust_pickle=trust, model=model)
 
 
 def load_state(reducer: LearnedReducer, state: dict[str, torch.Tensor], source: str) -> None:
@@ -368,17 +406,19 @@ def provide_trained(
     reducer: LearnedReducer,
     extra: dict[str, torch.Tensor],
     loggers: list[Logger] | bool,
+    model: nn.Module,
 ) -> dict[str, Any]:
-    """Give ``reducer`` its trained parameters, from (in order) ``method.checkpoint``, the method tensors
-    of ``model.checkpoint``, the cache, or a training run if ``method.train.auto``."""
-    given = load_given_trained(cfg, spec, reducer)
+    """Give ``reducer`` its trained parameters (and ``model`` its fine-tuned backbone, if they were
+    trained with one), from (in order) ``method.checkpoint``, the method tensors of
+    ``model.checkpoint``, the cache, or a training run if ``method.train.auto``."""
+    given = load_given_trained(cfg, spec, reducer, model)
     if given is not None:
         return given
     if any(k in reducer.state_dict() for k in extra):
         load_state(reducer, extra, f"model.checkpoint={spec.checkpoint}")
         return {"source": f"model.checkpoint:{spec.checkpoint}"}
     path, trained = ensure_trained(cfg, spec, reducer, loggers, may_train=bool(recipe(cfg).auto))
-    info = load_trained(reducer, path, spec, source=f"cached trained parameters {path}")
+    info = load_trained(reducer, path, spec, source=f"cached trained parameters {path}", model=model)
     info["trained_now"] = trained
     return info
 
