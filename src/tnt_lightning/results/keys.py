@@ -43,6 +43,9 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "model.trust_pickle": (False,),
     "method.trust_pickle": (False,),
     "visualize.allow_random_weights": (False,),
+    "measure.dtype": ("fp32",),
+    "measure.compile": (False,),
+    "measure.speedup_pairs": (3,),
 }
 
 
