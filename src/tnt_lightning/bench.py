@@ -138,9 +138,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--schedules", default="single,multi")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per model (the paper: 50)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per model (the paper: 50)")
     parser.add_argument(
-        "--iters", type=int, default=2, help="timed passes per model per pair (the paper: 30)"
+        "--iters", type=int, default=1, help="timed passes per model per pair (the paper: 30)"
     )
     parser.add_argument("--pairs", type=int, default=3, help="base/method pairs per method")
     parser.add_argument(
