@@ -53,7 +53,7 @@ clean-all: clean ## Also remove results/, cache/ (trained backbones and heads) a
 	rm -rf results cache wandb reports
 
 BENCH_ARGS ?=
-bench: ## Speed of every method vs the unpruned DeiT-S, in one process (BENCH_ARGS="--model deit_tiny_distilled")
+bench: ## Speed of every method and schedule vs the unpruned DeiT-S, in one process; table, JSON, plot in reports/bench (BENCH_ARGS="--full")
 	$(PYTHON) -m tnt_lightning.bench $(BENCH_ARGS)
 
 # Sweeps (sweeps/<name>.yaml; `ls sweeps`). ARGS adds overrides: ARGS="model=deit_base_distilled".

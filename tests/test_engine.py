@@ -90,6 +90,19 @@ def test_pass_through_reducer_reproduces_timm_logits(prefix):
     assert attn.keys.shape == (3, 4, shape[1], 12)
 
 
+def test_the_cls_row_alone_equals_that_row_of_the_full_probabilities():
+    model = tiny_vit(prefix=2).double()
+    recorder = Recorder([Location(Site.INSIDE, 1)])
+    apply_reducer(model, recorder)
+    model(X.double())
+    full = recorder.calls[0][2].probs
+    recorder._needs, recorder.calls = AttentionNeeds(cls_probs=True), []
+    model(X.double())
+    row = recorder.calls[0][2]
+    assert row.probs is None and row.cls_probs.shape == (3, 4, 1, full.shape[-1])
+    assert torch.allclose(row.cls_probs, full[:, :, :1], atol=1e-12)
+
+
 def test_hook_sites_see_the_right_tensors():
     """INSIDE sees x + attn(norm1(x)) of its block; AFTER sees the block output."""
     model = tiny_vit(prefix=1).double()
@@ -129,9 +142,14 @@ def test_only_layers_that_need_attention_probabilities_leave_the_fused_kernel(mo
     model(X)
     assert len(calls) == 4
     calls.clear()
+    apply_reducer(model, Recorder([Location(Site.INSIDE, 2)]))
+    model(X)
+    assert len(calls) == 3  # blocks 0, 1, 3 fused; block 2 computes the probabilities asked for
+    calls.clear()
+    remove_reducer(model)
     apply_reducer(model, TopK([2], [0.5]))
     model(X)
-    assert len(calls) == 3  # blocks 0, 1, 3 fused; block 2 computes probabilities for Top-K
+    assert len(calls) == 4  # Top-K reads the CLS row only: computed beside the fused kernel
     calls.clear()
     remove_reducer(model)
     apply_reducer(model, ToMe([0, 1, 2, 3], [2, 2, 2, 2]))

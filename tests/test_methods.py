@@ -20,10 +20,9 @@ from tnt_lightning.methods.zerotp import weighted_pagerank
 
 
 def cls_probs(row: list[float], n: int) -> torch.Tensor:
-    """[1, 1, n, n] attention whose CLS (query 0) row is ``row``; other rows uniform."""
-    probs = torch.full((1, 1, n, n), 1.0 / n)
-    probs[0, 0, 0] = torch.tensor(row)
-    return probs
+    """[1, 1, 1, n]: the CLS query's attention row ``row`` over ``n`` tokens."""
+    assert len(row) == n
+    return torch.tensor(row)[None, None, None]
 
 
 def tokens(n_patches: int, prefix: int, trace: bool = True) -> Tokens:
@@ -39,7 +38,7 @@ ROW_P2 = [0.0, 0.9, 0.1, 0.4, 0.2, 0.3]  # the DIST column's 0.9 must be ignored
 @pytest.mark.parametrize("prefix,row", [(1, ROW_P1), (2, ROW_P2)])
 def test_topk_keeps_most_attended_patches_sorted_by_score(prefix, row):
     out = TopK([0], [0.5]).reduce(
-        Location(Site.INSIDE, 0), tokens(4, prefix), AttentionInfo(cls_probs(row, 4 + prefix))
+        Location(Site.INSIDE, 0), tokens(4, prefix), AttentionInfo(cls_probs=cls_probs(row, 4 + prefix))
     )
     # patches 1 (0.4) and 3 (0.3), in that order, after the untouched prefix
     assert out.x[0, :, 0].tolist() == [*range(prefix), prefix + 1, prefix + 3]
@@ -47,7 +46,7 @@ def test_topk_keeps_most_attended_patches_sorted_by_score(prefix, row):
 
 def test_evit_fuses_the_rest_with_raw_cls_attention_weights():
     evit = EViT([0], [0.5])
-    out = evit.reduce(Location(Site.INSIDE, 0), tokens(4, 1), AttentionInfo(cls_probs(ROW_P1, 5)))
+    out = evit.reduce(Location(Site.INSIDE, 0), tokens(4, 1), AttentionInfo(cls_probs=cls_probs(ROW_P1, 5)))
     # kept patches 1, 3 (tokens 2, 4); fused = 0.1 * token 1 + 0.2 * token 3, not renormalised
     assert out.x[0, :, 0].tolist() == pytest.approx([0.0, 2.0, 4.0, 0.1 * 1 + 0.2 * 3])
     assert out.source[0, -1].nonzero().flatten().tolist() == [1, 3]
@@ -55,21 +54,24 @@ def test_evit_fuses_the_rest_with_raw_cls_attention_weights():
 
 def test_evit_rounds_up_and_can_drop_without_fusing():
     out = EViT([0], [0.6], fuse_token=False).reduce(
-        Location(Site.INSIDE, 0), tokens(4, 1), AttentionInfo(cls_probs(ROW_P1, 5))
+        Location(Site.INSIDE, 0), tokens(4, 1), AttentionInfo(cls_probs=cls_probs(ROW_P1, 5))
     )
     assert out.x[0, :, 0].tolist() == [0.0, 2.0, 4.0, 3.0]  # ceil(0.6 * 4) = 3: patches 1, 3, 2
 
 
 def test_evit_keeping_everything_is_a_no_op():
     t = tokens(4, 1)
-    assert EViT([0], [0.9]).reduce(Location(Site.INSIDE, 0), t, AttentionInfo(cls_probs(ROW_P1, 5))) is t
+    assert (
+        EViT([0], [0.9]).reduce(Location(Site.INSIDE, 0), t, AttentionInfo(cls_probs=cls_probs(ROW_P1, 5)))
+        is t
+    )
 
 
 def test_etps_squeezes_pruned_tokens_into_their_hosts():
     x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]])
     t = Tokens.start(x, 1, trace=True)
     out = ETPS([0], [0.5]).reduce(
-        Location(Site.INSIDE, 0), t, AttentionInfo(cls_probs([0, 0.4, 0.3, 0.2, 0.1], 5))
+        Location(Site.INSIDE, 0), t, AttentionInfo(cls_probs=cls_probs([0, 0.4, 0.3, 0.2, 0.1], 5))
     )
     hosts, _ = squeeze(x[:, 1:3], x[:, 3:5])
     assert torch.allclose(out.x[:, 1:], hosts)

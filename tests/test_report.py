@@ -90,8 +90,10 @@ def record(
     }
 
 
-def m(acc1=None, gflops=None, tp=None) -> dict:
-    out = {"gflops": gflops, "throughput_img_s": tp}
+def m(acc1=None, gflops=None, tp=None, speedup=None) -> dict:
+    out = {"gflops": gflops, "throughput_img_s": tp, "speedup": speedup}
+    if speedup is not None:
+        out["speedup_over_flops_limit"] = speedup / (4.6286 / gflops)
     if acc1 is not None:
         out |= {"acc1": acc1, "acc5": acc1 + 15}
     return {k: v for k, v in out.items() if v is not None}
@@ -100,8 +102,8 @@ def m(acc1=None, gflops=None, tp=None) -> dict:
 RECORDS = [
     record("none", 1.0, metrics=m(80.0, 4.6286, 1200)),
     *(
-        record("topk", 0.5, seed, m(acc, 2.7461, tp))
-        for seed, acc, tp in [(0, 77.0, 1800), (1, 77.5, 1900), (2, 78.0, 2000)]
+        record("topk", 0.5, seed, m(acc, 2.7461, tp, sp))
+        for seed, acc, tp, sp in [(0, 77.0, 1800, 1.5), (1, 77.5, 1900, 1.6), (2, 78.0, 2000, 1.7)]
     ),
     record("topk", 0.7, metrics=m(79.0, 3.4790, 1500)),
     record("evit", 0.5, metrics=m(76.0, 2.7461, 1850)),
@@ -158,6 +160,8 @@ def test_single_layer_table_averages_seeds_and_matches_the_paper(report):
     assert (
         float(topk["throughput_img_s"]) == pytest.approx(1900) and float(topk["throughput_img_s_std"]) == 100
     )
+    assert float(topk["speedup"]) == pytest.approx(1.6) and float(topk["speedup_std"]) == pytest.approx(0.1)
+    assert float(topk["speedup_over_flops_limit"]) == pytest.approx(1.6 * 2.7461 / 4.6286)
     printed = paper("9", "topk", "K=0.5")  # Table 2 prints it too, without a throughput
     assert topk["paper_table"] == "9"
     assert float(topk["paper_acc1"]) == float(printed["acc_top1"])
@@ -239,6 +243,7 @@ def test_markdown_lists_tables_plots_and_failed_runs(report):
     )
     topk = next(line for line in text.splitlines() if line.startswith("| K=0.5 | topk |"))
     printed = paper("9", "topk", "K=0.5")
+    assert f"| 1.60 ± 0.10 | {1.6 * 2.7461 / 4.6286:.2f} ± " in topk  # speedup, speedup / GFLOPs ratio
     assert "77.50 ± 0.50" in topk and "| 3 | T9 |" in topk
     assert f"| {float(printed['acc_top1']):.2f} | {77.5 - float(printed['acc_top1']):+.2f} |" in topk
     failed = text.split("## Runs without a result")[1]

@@ -1,10 +1,12 @@
-"""Speed of every method against the unpruned backbone, measured in one process (``make bench``).
+"""Speed of every method against the unpruned backbone, in one process (``make bench``).
 
-For each method (single-layer at ``--keep-rate``, and the multi-layer defaults) it prints GFLOPs,
-throughput, the speedup over the unpruned model and that speedup divided by the GFLOPs ratio
-(1.0 = the whole saving in FLOPs shows up as speed; below, the method's own overhead or the
-hardware eats part of it). The base model is timed between every method's repeats and the
-speedup is the median of the per-repeat ratios, so slow drifts of the machine cancel.
+For each method and schedule (single-layer at ``--keep-rate``, and the multi-layer defaults) it
+measures GFLOPs, throughput and the speedup over the unpruned model timed in the same process,
+interleaved (base, method, base, method, ...; the median of the per-pair ratios, as in every eval
+record: ``measure/speedup.py``), and divides the speedup by the GFLOPs ratio (1.0: the whole FLOP
+saving shows up as speed). Learned methods run with untrained parameters: their speed does not
+depend on the values of their weights. Writes ``bench.md``, ``bench.json`` and
+``speedup_vs_gflops.png`` to ``--out``, and prints the machine, the protocol and the table.
 
     python -m tnt_lightning.bench --model deit_small_distilled --keep-rate 0.5
 """
@@ -12,99 +14,241 @@ speedup is the median of the per-repeat ratios, so slow drifts of the machine ca
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import os
+import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from .config import register_configs
-from .engine import apply_reducer, backbone_info
-from .measure import count_macs, measure_throughput
+from .config import MEASURE_DTYPES, register_configs
+from .engine import ReductionError, apply_reducer, backbone_info
+from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
+from .measure.throughput import device_name
 from .methods import build_reducer
 from .models import create_model, drop_distillation_token
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-SINGLE = ["random", "topk", "evit", "tome", "zerotp", "etps"]
-MULTI = {"topk": [], "evit": [], "tome": ["method.r=8"], "zerotp": [], "etps": [], "random": []}
+# Every method of conf/method but `none`, in the README's order.
+METHODS = [
+    "random", "topk", "evit", "tome", "zerotp", "etps", "tnt", "dynamicvit", "dtps",
+    "ats", "dpcknn", "kmedoids", "patchmerger", "sinkhorn", "sit", "spatial",
+]  # fmt: skip
+# Multi-layer overrides a method needs (ToMe merges r tokens per block: the paper's lightest row).
+MULTI_OVERRIDES = {"tome": ["method.r=8"]}
+COLUMNS = [
+    "method",
+    "schedule",
+    "GFLOPs",
+    "GFLOPs ratio",
+    "img/s",
+    "base img/s",
+    "speedup",
+    "speedup / ratio",
+]
 
 
-def build(overrides: list[str]) -> tuple[torch.nn.Module, tuple[int, ...]]:
+def compose_overrides(overrides: list[str]):
+    """The composed run config for ``overrides``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        return compose("config", overrides=overrides)
+
+
+def build(overrides: list[str]) -> tuple[torch.nn.Module, Any]:
+    """The backbone (random weights) with the method of ``overrides`` applied, and its spec."""
+    cfg = compose_overrides(overrides)
     spec = instantiate(cfg.model)
     model = create_model(spec)
-    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model))
+    info = backbone_info(model)
+    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, info)
     if reducer is not None:
+        reducer.bind(info)
         if reducer.cls_only_backbone:
             drop_distillation_token(model)
         apply_reducer(model, reducer)
-    return model.eval(), spec.input_size
+    return model.eval(), spec
 
 
-def main(argv: list[str] | None = None) -> None:
+def _first_sentence(error: Exception) -> str:
+    return str(error).split(": ", 1)[-1].split(". ")[0]
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Speedup against the GFLOPs ratio, one marker per method and schedule, with y = x."""
+    fig = Figure(figsize=(7, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = max([r["gflops_ratio"] for r in rows] + [r["speedup"] for r in rows]) * 1.05
+    ax.plot([1, top], [1, top], color="black", lw=1, label="speedup = GFLOPs ratio")
+    ax.plot([1, top], [1, 0.95 * top], color="grey", lw=1, ls="--", label="0.95 x GFLOPs ratio")
+    for schedule, marker in (("single", "o"), ("multi", "s")):
+        pts = [r for r in rows if r["schedule"] == schedule]
+        ax.scatter(
+            [r["gflops_ratio"] for r in pts], [r["speedup"] for r in pts], marker=marker, label=schedule
+        )
+        for r in pts:
+            ax.annotate(
+                r["method"],
+                (r["gflops_ratio"], r["speedup"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("GFLOPs ratio (base / method)")
+    ax.set_ylabel("Speedup (same process, interleaved)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table of ``rows`` in markdown."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [
+            r["method"],
+            r["schedule"],
+            f"{r['gflops']:.3f}",
+            f"{r['gflops_ratio']:.3f}",
+            f"{r['method_img_s']:.1f}",
+            f"{r['base_img_s']:.1f}",
+            f"{r['speedup']:.3f}",
+            f"{r['speedup_over_flops_limit']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit_small_distilled")
     parser.add_argument("--keep-rate", type=float, default=0.5)
-    parser.add_argument("--methods", default=",".join(SINGLE))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--schedules", default="single,multi")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per model (the paper: 50)")
+    parser.add_argument(
+        "--iters", type=int, default=1, help="timed passes per model per pair (the paper: 30)"
+    )
+    parser.add_argument("--pairs", type=int, default=3, help="base/method pairs per method")
+    parser.add_argument(
+        "--full", action="store_true", help="the paper's protocol: 50 warm-up, 30 timed, 5 pairs"
+    )
+    parser.add_argument("--dtype", default="fp32", choices=MEASURE_DTYPES)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (compile time apart)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args(argv)
+    if args.full:
+        args.warmup, args.iters, args.pairs = 50, 30, 5
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: {unknown} not among {METHODS}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns its rows (also written to ``--out``)."""
+    args = parse(argv)
     register_configs()
     device = torch.device(args.device)
-    common = [f"model={args.model}", f"keep_rate={args.keep_rate}"]
-    base, input_size = build(common)
-    base.to(device)
-    base_gflops = count_macs(base.cpu(), torch.randn(1, *input_size)) / 1e9
-    base.to(device)
-
-    def speed(model: torch.nn.Module) -> float:
-        return measure_throughput(
-            model, input_size, device, args.batch_size, args.warmup, args.iters, progress=False
-        )["throughput_img_s"]
-
-    runs = [(m, "single", [f"method={m}"]) for m in args.methods.split(",") if "single" in args.schedules]
-    runs += [
-        (m, "multi", [f"method={m}", "schedule=multi", *MULTI[m]])
+    common = [f"model={args.model}", f"keep_rate={args.keep_rate}", "data=synthetic"]
+    runs = [
+        (m, s, [f"method={m}"] + (["schedule=multi", *MULTI_OVERRIDES.get(m, [])] if s == "multi" else []))
+        for s in args.schedules.split(",")
         for m in args.methods.split(",")
-        if "multi" in args.schedules and m in MULTI
     ]
-    print(
-        f"{args.model}, keep_rate={args.keep_rate}, batch {args.batch_size}, {device}, "
-        f"{torch.get_num_threads()} threads, {args.repeats} repeats of {args.warmup}+{args.iters} passes"
+    spec = instantiate(compose_overrides(common).model)
+    key = base_key(args.model, device, args.batch_size, args.dtype, args.compile)
+    base, base_gflops = unpruned(
+        key, lambda: build(common)[0], spec.input_size, device, args.dtype, args.compile
     )
-    columns = [
-        "method",
-        "schedule",
-        "GFLOPs",
-        "img/s",
-        "base img/s",
-        "speedup",
-        "GFLOPs ratio",
-        "speedup / ratio",
-    ]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
+    protocol = {
+        "model": args.model,
+        "keep_rate": args.keep_rate,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "pairs": args.pairs,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_average(),
+    }
+    print(
+        f"{args.model}, keep_rate={args.keep_rate}, batch {args.batch_size}, {args.dtype}"
+        f"{', compiled' if args.compile else ''}, {protocol['device']} ({device.type}), "
+        f"{protocol['threads']} threads of {protocol['cpus']} CPUs, torch {torch.__version__}; per method "
+        f"{args.warmup} warm-up passes, then {args.pairs} pairs of {args.iters} timed passes (base, method); "
+        f"load average {protocol['load_average_before']}",
+        flush=True,
+    )
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    rows: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
     for name, schedule, overrides in runs:
-        model, _ = build(common + overrides)
-        gflops = count_macs(model, torch.randn(1, *input_size)) / 1e9
-        model.to(device)
-        pairs = [(speed(base), speed(model)) for _ in range(args.repeats)]
-        speedup = statistics.median(m / b for b, m in pairs)
-        base_tp = statistics.median(b for b, _ in pairs)
-        method_tp = statistics.median(m for _, m in pairs)
-        ratio = base_gflops / gflops
-        print(
-            f"| {name} | {schedule} | {gflops:.3f} | {method_tp:.1f} | {base_tp:.1f} | {speedup:.3f} | "
-            f"{ratio:.3f} | {speedup / ratio:.3f} |",
-            flush=True,
+        try:
+            model, _ = build(common + overrides)
+        except ReductionError as e:  # e.g. single-layer ToMe merging more than half of few patches
+            refused.append({"method": name, "schedule": schedule, "error": str(e)})
+            print(f"| {name} | {schedule} | refused: {_first_sentence(e)} |", flush=True)
+            continue
+        gflops = count_gflops(model, spec.input_size)
+        timed = TimedModel(model, device, args.dtype, args.compile)
+        inputs = torch.randn(args.batch_size, *spec.input_size, device=device)
+        timed.warm_up(inputs, args.warmup)
+        sp = same_process_speedup(
+            timed, base, spec.input_size, args.batch_size, args.iters, args.pairs, args.warmup
         )
+        ratio = base_gflops / gflops
+        row = {
+            "method": name,
+            "schedule": schedule,
+            "gflops": gflops,
+            "base_gflops": base_gflops,
+            "gflops_ratio": ratio,
+            **{k: sp[k] for k in ("speedup", "method_img_s", "base_img_s", "pairs")},
+            "speedup_over_flops_limit": sp["speedup"] / ratio,
+            "compile_s": timed.compile_s,
+        }
+        rows.append(row)
+        print(markdown([row]).splitlines()[-1], flush=True)
+    protocol["load_average_after"] = load_average()
+    print(f"load average after: {protocol['load_average_after']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"{args.model}, K={args.keep_rate}, batch {args.batch_size}, {args.dtype}, {protocol['device']}, "
+        f"{protocol['threads']} threads"
+    )
+    (args.out / "bench.json").write_text(
+        json.dumps({"protocol": protocol, "rows": rows, "refused": refused}, indent=1) + "\n"
+    )
+    (args.out / "bench.md").write_text(
+        f"{title}; load average {protocol['load_average_before']} before, "
+        f"{protocol['load_average_after']} after\n\n{markdown(rows)}\n"
+        + "".join(f"\nrefused: {r['method']} {r['schedule']}: {r['error']}\n" for r in refused)
+    )
+    plot(rows, args.out / "speedup_vs_gflops.png", title)
+    print(f"bench: {args.out / 'bench.md'}, {args.out / 'bench.json'}, {args.out / 'speedup_vs_gflops.png'}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ PRECISIONS = (
     "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
     "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16,
 )  # fmt: skip
+# measure.dtype: the autocast precision of the timed forward passes (measure/throughput.py).
+MEASURE_DTYPES = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Keys the framework reads when present but no config file sets: ``+key=value`` may add them.
 OPTIONAL_KEYS = ("data.train_overrides",)
@@ -199,11 +201,21 @@ def validate(cfg: DictConfig) -> None:
         "measure.gflops_images",
     ):
         _positive_int(cfg, key)
-    for key in ("data.num_workers", "data.split_seed", "data.max_shift", "measure.warmup"):
+    for key in (
+        "data.num_workers",
+        "data.split_seed",
+        "data.max_shift",
+        "measure.warmup",
+        "measure.speedup_pairs",
+    ):
         _positive_int(cfg, key, minimum=0)
     _number(cfg, "data.crop_pct", 0.0, 1.0, low_open=True)
     mode = OmegaConf.select(cfg, "measure.throughput_mode")
     _check(mode in ("paper", "robust"), "measure.throughput_mode", mode, "one of ['paper', 'robust']")
+    dtype = OmegaConf.select(cfg, "measure.dtype")
+    _check(dtype in MEASURE_DTYPES, "measure.dtype", dtype, f"one of {list(MEASURE_DTYPES)}")
+    compile_ = OmegaConf.select(cfg, "measure.compile")
+    _check(isinstance(compile_, bool), "measure.compile", compile_, "true or false")
     device = OmegaConf.select(cfg, "measure.device")
     _check(
         device == "auto" or str(device).split(":")[0] in ("cpu", "cuda"),

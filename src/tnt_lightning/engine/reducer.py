@@ -39,9 +39,10 @@ class AttentionNeeds:
     probs: bool = False  # post-softmax attention probabilities [B, H, N, N]
     keys: bool = False  # keys [B, H, N, D/H]
     values: bool = False  # values [B, H, N, D/H] (ATS weighs attention by their norms)
+    cls_probs: bool = False  # the CLS query's row of the probabilities only [B, H, 1, N]
 
     def __bool__(self) -> bool:
-        return self.probs or self.keys or self.values
+        return self.probs or self.keys or self.values or self.cls_probs
 
 
 @dataclass
@@ -51,6 +52,7 @@ class AttentionInfo:
     probs: Tensor | None = None
     keys: Tensor | None = None
     values: Tensor | None = None
+    cls_probs: Tensor | None = None
 
 
 @dataclass(frozen=True)

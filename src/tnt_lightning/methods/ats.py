@@ -48,7 +48,7 @@ def sample_points(count: int) -> Tensor:
 
 def significance(attn: AttentionInfo, num_prefix: int, eps: float = 1e-6) -> Tensor:
     """[B, n]: CLS attention times value norms, summed over heads, normalised to sum to 1."""
-    score = (attn.probs[:, :, 0, num_prefix:] * attn.values[:, :, num_prefix:].norm(dim=-1)).sum(dim=1)
+    score = (attn.cls_probs[:, :, 0, num_prefix:] * attn.values[:, :, num_prefix:].norm(dim=-1)).sum(dim=1)
     return score / (score.sum(dim=-1, keepdim=True) + eps)
 
 
@@ -88,7 +88,7 @@ class ATS(AbsoluteStages):
 
     def needs(self, block: int) -> AttentionNeeds:
         active = block in self.blocks
-        return AttentionNeeds(probs=active, values=active)
+        return AttentionNeeds(cls_probs=active, values=active)
 
     def bound_tokens(self) -> list[int]:
         """The most non-prefix tokens each stage can keep (every sample distinct)."""

@@ -46,7 +46,7 @@ class EViT(StagedReducer):
         self.cls_only_backbone = paper_flops_compat
 
     def needs(self, block: int) -> AttentionNeeds:
-        return AttentionNeeds(probs=self.rates.get(block, 1.0) < 1.0)
+        return AttentionNeeds(cls_probs=self.rates.get(block, 1.0) < 1.0)
 
     def count_after(self, n: int, rate: float) -> int:
         k = keep_ceil(n, rate)

@@ -17,7 +17,7 @@ from .staged import StagedReducer
 
 def cls_attention(attn: AttentionInfo, num_prefix: int) -> Tensor:
     """[B, n]: attention of the CLS query to each non-prefix token, averaged over heads."""
-    return attn.probs[:, :, 0, num_prefix:].mean(dim=1)
+    return attn.cls_probs[:, :, 0, num_prefix:].mean(dim=1)
 
 
 class TopK(StagedReducer):
@@ -26,7 +26,7 @@ class TopK(StagedReducer):
     requires_class_token = True
 
     def needs(self, block: int) -> AttentionNeeds:
-        return AttentionNeeds(probs=self.rates.get(block, 1.0) < 1.0)
+        return AttentionNeeds(cls_probs=self.rates.get(block, 1.0) < 1.0)
 
     def count_after(self, n: int, rate: float) -> int:
         return keep_floor(n, rate)

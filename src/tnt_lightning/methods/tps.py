@@ -41,7 +41,7 @@ class ETPS(StagedReducer):
         self.temperature = temperature
 
     def needs(self, block: int) -> AttentionNeeds:
-        return AttentionNeeds(probs=self.rates.get(block, 1.0) < 1.0)
+        return AttentionNeeds(cls_probs=self.rates.get(block, 1.0) < 1.0)
 
     def count_after(self, n: int, rate: float) -> int:
         return self.keep_count(n, rate)

@@ -84,7 +84,9 @@ def render_markdown(
         "",
         "Mean ± sample std over the runs of a setting that differ only in their seed (n runs). "
         "Paper: the paper's table (T9 = Table 9) printing the same setting; Δ = ours - paper. The "
-        "paper's throughput is from its GPU, shown for reference only. Front: on the Pareto front of "
+        "paper's throughput is from its GPU, shown for reference only. Speedup: over the unpruned "
+        "backbone timed in the same process, interleaved (README, Speed); / GFLOPs ratio: that speedup "
+        "over base GFLOPs / GFLOPs (1 = the whole FLOP saving is speed). Front: on the Pareto front of "
         "top-1 against GFLOPs (or throughput) across all methods of the table.",
     ]
     if not groups:

@@ -29,7 +29,7 @@ PAPER_DATA = "imagenet"
 PAPER_TOLERANCE = 0.015
 METHOD_ORDER = ("none", "random", "topk", "zerotp", "dynamicvit", "dtps", "tome", "evit", "etps", "tnt")
 EVAL_TASKS = ("eval", "train_eval")
-METRICS = ("acc1", "acc5", "gflops", "throughput_img_s")
+METRICS = ("acc1", "acc5", "gflops", "throughput_img_s", "speedup", "speedup_over_flops_limit")
 
 
 class ReportError(RuntimeError):
@@ -487,6 +487,10 @@ CSV_COLUMNS = (
     "gflops_std",
     "throughput_img_s",
     "throughput_img_s_std",
+    "speedup",
+    "speedup_std",
+    "speedup_over_flops_limit",
+    "speedup_over_flops_limit_std",
     "devices",
     "paper_table",
     "paper_acc1",
@@ -579,6 +583,8 @@ def markdown_table(group: Group) -> str:
         "Top-5 (%)",
         "GFLOPs",
         "img/s",
+        "Speedup",
+        "Speedup / GFLOPs ratio",
         "n",
         "Paper",
         "Paper top-1",
@@ -611,6 +617,8 @@ def markdown_table(group: Group) -> str:
             _mean_std(row.stats.get("acc5"), ".2f"),
             _gflops(row.mean("gflops")),
             _mean_std(row.stats.get("throughput_img_s"), ".0f"),
+            _mean_std(row.stats.get("speedup"), ".2f"),
+            _mean_std(row.stats.get("speedup_over_flops_limit"), ".2f"),
             str(row.n),
             paper,
             _num(row.paper_value("acc_top1"), ".2f"),

@@ -48,6 +48,9 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "visualize.allow_random_weights": (False,),
     "measure.gflops_images": (100,),
     "method.train.backbone_lr_scale": (0.0,),
+    "measure.dtype": ("fp32",),
+    "measure.compile": (False,),
+    "measure.speedup_pairs": (3,),
 }
 
 

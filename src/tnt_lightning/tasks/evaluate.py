@@ -9,14 +9,22 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
 from ..data import ClassificationDataModule
 from ..engine import apply_reducer, backbone_info
 from ..lit import ImageClassifier
-from ..measure import count_gflops, mean_gflops, measure_throughput
+from ..measure import (
+    TimedModel,
+    base_key,
+    count_gflops,
+    mean_gflops,
+    measure_throughput,
+    same_process_speedup,
+    unpruned,
+)
 from ..methods import LearnedReducer, build_reducer
 from ..models import BackboneSpec, count_parameters, create_model, drop_distillation_token, load_weights
 from ..results import results_path
@@ -94,6 +102,39 @@ def build_pruned_model(
     return model
 
 
+def measure_speed(
+    cfg: DictConfig, spec: BackboneSpec, model: VisionTransformer, recorder: RunRecorder
+) -> None:
+    """Throughput with the configured protocol and, unless ``measure.speedup_pairs=0``, the
+    speedup over the unpruned backbone timed in this process (``measure/speedup.py``)."""
+    m = cfg.measure
+    device = resolve_device(m.device)
+    timed = TimedModel(model, device, m.dtype, m.compile)
+    tp = measure_throughput(
+        timed,
+        spec.input_size,
+        batch_size=m.batch_size,
+        warmup=m.warmup,
+        iters=m.iters,
+        mode=m.throughput_mode,
+        repeats=m.repeats,
+    )
+    recorder.metrics["throughput_img_s"] = tp["throughput_img_s"]
+    recorder.details["throughput"] = tp
+    if m.speedup_pairs == 0 or cfg.method.name == "none":
+        return
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    key = base_key(model_config, device, m.batch_size, m.dtype, m.compile)
+    base, base_gflops = unpruned(key, lambda: create_model(spec), spec.input_size, device, m.dtype, m.compile)
+    sp = same_process_speedup(timed, base, spec.input_size, m.batch_size, m.iters, m.speedup_pairs, m.warmup)
+    recorder.metrics["speedup"] = sp["speedup"]
+    gflops = recorder.metrics.get("gflops")
+    if gflops:
+        recorder.metrics["gflops_ratio"] = base_gflops / gflops
+        recorder.metrics["speedup_over_flops_limit"] = sp["speedup"] / recorder.metrics["gflops_ratio"]
+    recorder.details["speedup"] = {**sp, "base_gflops": base_gflops}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one configuration and append its record; returns the record."""
     recorder = RunRecorder(cfg, keep_rate=1.0 if cfg.method.name == "none" else cfg.keep_rate)
@@ -126,19 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 recorder.metrics["gflops"] = counted.pop("mean")
                 recorder.details["gflops_over"] = {"held_out_images": counted.pop("images"), **counted}
         if cfg.measure.throughput:
-            device = resolve_device(cfg.measure.device)
-            tp = measure_throughput(
-                model.to(device),
-                spec.input_size,
-                device,
-                batch_size=cfg.measure.batch_size,
-                warmup=cfg.measure.warmup,
-                iters=cfg.measure.iters,
-                mode=cfg.measure.throughput_mode,
-                repeats=cfg.measure.repeats,
-            )
-            recorder.metrics["throughput_img_s"] = tp["throughput_img_s"]
-            recorder.details["throughput"] = tp
+            measure_speed(cfg, spec, model, recorder)
         log_summary(loggers, {**recorder.metrics, "keep_rate": recorder.fields["keep_rate"]})
     print(format_summary(recorder.record))
     print(f"  results: {results_path(cfg.paths.results_dir)}")

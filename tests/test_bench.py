@@ -1,0 +1,38 @@
+"""`make bench`'s plumbing on the tiny backbone, one timed pass per model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from tnt_lightning import bench
+
+
+def test_bench_writes_the_table_json_and_plot_for_every_method_and_schedule(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["--model", "vit_mnist", "--methods", "topk,tnt,tome", "--warmup", "1", "--iters", "1"]
+    rows = bench.main([*args, "--pairs", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "vit_mnist, keep_rate=0.5, batch 32, fp32" in printed and "load average after:" in printed
+    data = json.loads((out / "bench.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(rows))
+    # single-layer ToMe cannot keep half of 49 patches in one layer: refused, the others go on
+    assert [(r["method"], r["schedule"]) for r in data["refused"]] == [("tome", "single")]
+    assert [(r["method"], r["schedule"]) for r in rows] == [
+        ("topk", "single"), ("tnt", "single"), ("topk", "multi"), ("tnt", "multi"), ("tome", "multi")
+    ]  # fmt: skip
+    for r in rows:
+        assert len(r["pairs"]) == 2
+        assert r["gflops_ratio"] == pytest.approx(r["base_gflops"] / r["gflops"]) and r["gflops_ratio"] > 1.2
+        assert r["speedup_over_flops_limit"] == pytest.approx(r["speedup"] / r["gflops_ratio"])
+    assert data["protocol"]["threads"] >= 1 and data["protocol"]["load_average_before"]
+    assert "| topk | single |" in (out / "bench.md").read_text()
+    with Image.open(out / "speedup_vs_gflops.png") as image:
+        assert image.format == "PNG"
+
+
+def test_bench_refuses_an_unknown_method():
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "topk,fastest"])
