@@ -1,0 +1,175 @@
+"""Our ToMe, EViT (and Top-K: EViT without the fused token), DynamicViT and TNT against the official
+code, timed in one process (README, "Speed"). Opt-in: it imports the official repositories from
+the paths given, which are never part of this repository.
+
+For each method, both models get the same weights (a seeded random DeiT-S, the official model
+loading ours), the same batch and threads; their logits are compared on a small batch, then they
+are timed in turn, official, ours, official, ours, ... (``--pairs`` pairs of ``--iters`` passes;
+the ratio is the median of the per-pair ratios, as ``make bench``).
+
+    python scripts/compare_official.py --tome /tmp/official/ToMe --evit /tmp/official/evit \\
+        --dynamicvit /tmp/official/DynamicViT --tnt /tmp/official/tnt
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from tnt_lightning.bench import build
+from tnt_lightning.config import register_configs
+from tnt_lightning.measure import TimedModel, same_process_speedup
+from tnt_lightning.measure.throughput import device_name
+
+DEPTH = 12
+
+
+def official_file(root: Path, path: str, name: str) -> types.ModuleType:
+    """Import the file ``path`` of an official checkout at ``root`` as module ``name``; its own
+    sibling imports (``helpers``, ``utils``) resolve inside ``root``."""
+    spec = importlib.util.spec_from_file_location(name, root / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # timm's @register_model looks its module up there
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
+def load_ours(official: torch.nn.Module, ours: torch.nn.Module, rename: dict[str, str] | None = None) -> None:
+    """Give ``official`` our weights (keys renamed by prefix); every key must match."""
+    state = {}
+    for key, value in ours.state_dict().items():
+        for old, new in (rename or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        state[key] = value
+    missing, unexpected = official.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+
+
+def tome(root: Path, ours: torch.nn.Module, r: int) -> torch.nn.Module:
+    official, _ = build(["model=deit_small_distilled"])
+    official.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("reducer.")})
+    sys.path.insert(0, str(root))
+    try:
+        importlib.import_module("tome").patch.timm(official)
+    finally:
+        sys.path.remove(str(root))
+    official.r = r
+    return official
+
+
+def evit(root: Path, ours: torch.nn.Module, rate: float, fuse: bool) -> torch.nn.Module:
+    # helpers.py imports torchprofile for its FLOP counting only, which the model never calls.
+    sys.modules.setdefault("torchprofile", types.SimpleNamespace(profile_macs=None))
+    module = official_file(root, "evit.py", "official_evit")
+    keep = [rate if i in (3, 6, 9) else 1.0 for i in range(DEPTH)]
+    official = module.EViT(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, keep_rate=keep, fuse_token=fuse
+    )
+    load_ours(official, ours)
+    return official
+
+
+def dynamicvit(root: Path, ours: torch.nn.Module, rate: float) -> torch.nn.Module:
+    # The official utils.py imports names that newer torch and a missing tensorboardX lack; the
+    # model needs only its batch_index_select, so those two imports get empty stand-ins.
+    sys.modules.setdefault("torch._six", types.SimpleNamespace(inf=math.inf))
+    sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=None))
+    module = official_file(root, "models/dyvit.py", "official_dyvit")
+    official = module.VisionTransformerDiffPruning(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+        pruning_loc=[3, 6, 9], token_ratio=[rate, rate**2, rate**3],
+    )  # fmt: skip
+    load_ours(official, ours, {"reducer.": ""})
+    return official
+
+
+def tnt(root: Path, ours: torch.nn.Module, rate: float) -> torch.nn.Module:
+    official = official_file(root, "models.py", "official_tnt").deit_small_distilled_patch16_224()
+    load_ours(official, ours, {"reducer.": ""})
+    official.single_l = False
+    official.pru_stat = {
+        "sim_pru": 40,
+        "after_sim_pru": 196 - 40,
+        "info_pru": [rate if i in (2, 3, 4) else 1.0 for i in range(DEPTH)],
+    }
+    return official
+
+
+# (option, label, our overrides, the official model given ours)
+CASES = [
+    ("tome", "ToMe, DeiT-S-distilled, multi-layer r=8",
+     ["model=deit_small_distilled", "method=tome", "schedule=multi", "method.r=8"],
+     lambda root, ours: tome(root, ours, 8)),
+    ("evit", "EViT, DeiT-S, inside blocks 3, 6, 9, rho=0.7",
+     ["model=deit_small", "method=evit", "schedule=multi", "keep_rate=0.7"],
+     lambda root, ours: evit(root, ours, 0.7, True)),
+    ("evit", "Top-K (EViT with fuse_token=False), DeiT-S, inside blocks 3, 6, 9, rho=0.7",
+     ["model=deit_small", "method=evit", "schedule=multi", "keep_rate=0.7", "method.fuse_token=false"],
+     lambda root, ours: evit(root, ours, 0.7, False)),
+    ("dynamicvit", "DynamicViT, DeiT-S, before blocks 3, 6, 9, rho=0.7 (untrained predictors)",
+     ["model=deit_small", "method=dynamicvit", "schedule=multi", "keep_rate=0.7"],
+     lambda root, ours: dynamicvit(root, ours, 0.7)),
+    ("tnt", "TNT, DeiT-S-distilled, after blocks 2, 3, 4, K=0.7 (untrained heads)",
+     ["model=deit_small_distilled", "method=tnt", "schedule=multi", "keep_rate=0.7"],
+     lambda root, ours: tnt(root, ours, 0.7)),
+]  # fmt: skip
+
+
+@torch.no_grad()
+def max_logit_diff(ours: torch.nn.Module, official: torch.nn.Module, seed: int = 0) -> float:
+    """Largest |logit difference| on a batch of 4, both drawing the same random numbers."""
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    a = ours.eval()(x)
+    torch.manual_seed(seed)
+    b = official.eval()(x)
+    return (a - b).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name in ("tome", "evit", "dynamicvit", "tnt"):
+        parser.add_argument(f"--{name}", type=Path, help=f"the official {name} checkout")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=5)
+    args = parser.parse_args(argv)
+    register_configs()
+    cases = [c for c in CASES if getattr(args, c[0])]
+    # Ours first: the official files register timm model names (deit_small_patch16_224) of their own.
+    torch.manual_seed(0)
+    ours = [build(overrides)[0] for _, _, overrides, _ in cases]
+    device = torch.device("cpu")
+    print(
+        f"batch {args.batch_size}, fp32, {device_name(device)}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {args.warmup} warm-up, then {args.pairs} pairs of {args.iters} passes"
+    )
+    print("| method | max abs logit diff | ours img/s | official img/s | ours / official |")
+    print("|---|---|---|---|---|")
+    for (option, label, _, make), model in zip(cases, ours, strict=True):
+        official = make(getattr(args, option), model)
+        diff = max_logit_diff(model, official)
+        a, b = TimedModel(model, device), TimedModel(official, device)
+        inputs = torch.randn(args.batch_size, 3, 224, 224)
+        a.warm_up(inputs, args.warmup)
+        sp = same_process_speedup(a, b, (3, 224, 224), args.batch_size, args.iters, args.pairs, args.warmup)
+        speeds = f"{sp['method_img_s']:.2f} | {sp['base_img_s']:.2f} | {sp['speedup']:.3f}"
+        print(f"| {label} | {diff:.2e} | {speeds} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
