@@ -120,8 +120,8 @@ def test_training_stopped_after_epoch_1_resumes_there_to_the_uninterrupted_param
     spec = instantiate(cfg.model)
     counter = StepCounter()
     add_callback(monkeypatch, train, counter)
-    reducer, metrics = train.fit(cfg, spec, tmp_path / "straight", False)
-    straight = {n: p.detach().clone() for n, p in reducer.trainable_parameters()}
+    module, metrics = train.fit(cfg, spec, tmp_path / "straight", False)
+    straight = {n: p.detach().clone() for n, p in module.reducer.trainable_parameters()}
     steps_per_epoch = counter.steps // EPOCHS
     assert metrics["resumed_from_epoch"] is None and steps_per_epoch > 0
 
@@ -134,10 +134,10 @@ def test_training_stopped_after_epoch_1_resumes_there_to_the_uninterrupted_param
 
     counter = StepCounter()
     add_callback(monkeypatch, train, counter)
-    reducer, metrics = train.fit(cfg, spec, tmp_path / "stopped", False)
+    module, metrics = train.fit(cfg, spec, tmp_path / "stopped", False)
     assert counter.steps == (EPOCHS - 1) * steps_per_epoch  # not from epoch 0
     assert metrics["resumed_from_epoch"] == 1 and metrics["resumed_from_step"] == steps_per_epoch
-    resumed = dict(reducer.trainable_parameters())
+    resumed = dict(module.reducer.trainable_parameters())
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
