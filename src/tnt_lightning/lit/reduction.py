@@ -65,8 +65,14 @@ class TokenReductionModule(ImageClassifier):
     # -- modes ---------------------------------------------------------------------------------
 
     def _set_modes(self) -> None:
-        """Backbone in the recipe's mode (TNT: train mode, drop path active); the method trains."""
+        """Backbone in the recipe's mode (TNT: train mode, drop path active); the method trains.
+
+        Batch-norm statistics (a conv stem's) are part of the pretrained backbone and stay as they
+        are, in any mode: a method's training must not change what the unpruned backbone computes."""
         self.model.train(self.reducer.backbone_in_train_mode())
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         self.reducer.train()
 
     def on_train_epoch_start(self) -> None:

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..config import ConfigError, UserError
+from .conv_stem import EMBED_LAYERS
 
 WEIGHT_SOURCES = ("hub", "pretrain", "checkpoint", "random")
 
@@ -140,6 +141,10 @@ def create_model(spec: BackboneSpec) -> VisionTransformer:
     else:
         arch = dict(spec.arch)
         cls = VisionTransformerDistilled if arch.pop("distilled", False) else VisionTransformer
+        embed_layer = arch.pop("embed_layer", "patch")
+        if embed_layer not in EMBED_LAYERS:
+            raise ConfigError(f"model.arch.embed_layer={embed_layer!r} is not one of {list(EMBED_LAYERS)}")
+        arch["embed_layer"] = EMBED_LAYERS[embed_layer]
         model = cls(img_size=spec.input_size[1], in_chans=spec.input_size[0], **arch, **kwargs)
     check_engine_support(model, spec)
     set_fused_attn(model, spec.fused_attn)
@@ -203,7 +208,8 @@ def check_engine_support(model: nn.Module, spec: BackboneSpec) -> None:
             fail("its attention is gated (Attention(gated=True))")
         if not hasattr(block.mlp, "fc1"):
             fail(f"its MLP is a {type(block.mlp).__name__} without an fc1 layer")
-    expected = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    in_chans = getattr(model.patch_embed, "in_chans", None) or model.patch_embed.proj.in_channels
+    expected = (in_chans, *model.patch_embed.img_size)
     if not getattr(model, "dynamic_img_size", False) and tuple(spec.input_size) != tuple(expected):
         raise ConfigError(
             f"model {name!r} takes inputs of shape {list(expected)}, but model.input_size="
