@@ -145,5 +145,5 @@ study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offlin
 	$(PYTHON) run.py -m +sweep=cmnist_study
 	$(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5
 	$(PYTHON) run.py -m +sweep=cmnist_study_multi
-	$(PYTHON) run.py -m task=visualize method=topk,tnt,dynamicvit keep_rate=0.3 $(STUDY_MAPS)
+	$(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 $(STUDY_MAPS)
 	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)

@@ -82,6 +82,24 @@ def test_built_once_then_read_from_the_cache(tmp_path, monkeypatch):
     assert other.cache_path() != dm.cache_path()
 
 
+def test_patch_kinds_mark_the_digits_inked_patches_clutter_and_blank(tmp_path):
+    """The labels behind task=visualize's "patches kept by kind": digit patches lie in the digit's
+    box and hold ink; blank ones hold none; without clutter every inked patch is the digit's."""
+    dm = ClutteredMNISTDataModule(train_copies=1, cache_dir=str(tmp_path))
+    kinds, split = dm.patch_kinds(), dm.splits()["held_out"]
+    assert kinds.shape == (1000, 196)
+    inked = split.images.view(1000, 14, 4, 14, 4).amax(dim=(2, 4)).flatten(1) >= 64
+    assert torch.equal(kinds > 0, inked)
+    for i in range(20):
+        y, x = split.box[i].tolist()
+        rows, cols = torch.nonzero(kinds[i].view(14, 14) == 2, as_tuple=True)
+        assert len(rows) >= 3 and (rows * 4 + 3 >= y).all() and (rows * 4 < y + DIGIT).all()
+        assert (cols * 4 + 3 >= x).all() and (cols * 4 < x + DIGIT).all()
+    assert (kinds == 1).any()
+    bare = ClutteredMNISTDataModule(train_copies=1, clutter=0, cache_dir=str(tmp_path)).patch_kinds()
+    assert not (bare == 1).any() and (bare == 2).sum(1).min() >= 3
+
+
 @pytest.mark.parametrize("value", [{"train_copies": 0}, {"clutter": -1}, {"clutter_size": 30}])
 def test_bad_settings_fail_naming_the_key(value):
     (key,) = value

@@ -200,3 +200,23 @@ def test_token_map_titles_say_when_weights_are_not_the_release():
     assert weights_label("random") == " (random weights)"
     assert weights_label("checkpoint:/me/my_deit.pth") == " (weights: my_deit.pth)"
     assert weights_label("hub:deit_tiny_patch16_224") == "" and weights_label("pretrain:/c/x.pth") == ""
+
+
+def test_cluttered_mnist_maps_record_the_share_of_each_patch_kind_kept(tmp_path):
+    """Random drop keeps about K of blank, clutter and digit patches alike, over all 1000 held-out
+    canvases; the record and the printed line carry the shares (the embedded study's diagnostic)."""
+    cfg = compose_config(
+        [
+            "task=visualize",
+            "data=cluttered_mnist",
+            "data.train_copies=1",
+            "model=vit_cmnist",
+            "model.weights=random",
+            "method=random",
+            "keep_rate=0.3",
+        ],
+        tmp_path,
+    )
+    kept = run_task(cfg)["details"]["kept_by_kind"]
+    assert sorted(kept) == ["blank", "clutter", "digit"]
+    assert all(abs(share - 0.3) < 0.03 for share in kept.values()), kept

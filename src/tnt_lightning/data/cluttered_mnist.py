@@ -30,6 +30,8 @@ from .mnist import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist_digits, st
 
 CANVAS = 56
 DIGIT = 28
+INK = 64  # a pixel of at least this (of 255) is ink
+PATCH_KINDS = ("blank", "clutter", "digit")
 
 
 @dataclass
@@ -185,6 +187,31 @@ class ClutteredMNISTDataModule(MNISTDataModule):
                 return built
         stored = load_weight_file(path, f"cached cluttered MNIST {path}")
         return {name: ClutteredSplit(**fields) for name, fields in stored.items()}
+
+    def patch_kinds(self, split: str = "held_out", patch_size: int = 4) -> torch.Tensor:
+        """``[N, (56 / patch_size)^2]`` kind of every patch of ``split``'s canvases, row-major: an index
+        into :data:`PATCH_KINDS`. ``digit``: the labelled digit has ink in the patch; ``clutter``:
+        only clutter has; ``blank``: no ink. What a method keeps of each is in ``task=visualize``'s
+        record (the embedded study's "digit tokens kept")."""
+        if CANVAS % patch_size:
+            raise ValueError(f"patch_size={patch_size} does not divide the {CANVAS}-pixel canvas")
+        chosen = self.splits()[split]
+        images, _ = load_mnist_digits()
+        ink = (images[:, 0] * MNIST_STD + MNIST_MEAN) * 255.0 >= INK
+        digit = torch.zeros(len(chosen.images), CANVAS, CANVAS, dtype=torch.bool)
+        for i, ((y, x), source) in enumerate(
+            zip(chosen.box.tolist(), chosen.digit_index.tolist(), strict=True)
+        ):
+            digit[i, y : y + DIGIT, x : x + DIGIT] = ink[source]
+        any_ink = chosen.images >= INK
+
+        def per_patch(mask: torch.Tensor) -> torch.Tensor:
+            g = CANVAS // patch_size
+            return mask.view(-1, g, patch_size, g, patch_size).any(dim=(2, 4)).flatten(1)
+
+        kinds = per_patch(any_ink).long()  # 1: clutter (or digit, set below)
+        kinds[per_patch(digit)] = 2
+        return kinds
 
     def setup(self, stage: str | None = None) -> None:
         if self._held_out is not None:

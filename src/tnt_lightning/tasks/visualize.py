@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..data import ClassificationDataModule, ImageFolderDataModule, MNISTDataModule
 from ..data.mnist import MNIST_MEAN, MNIST_STD
 from ..models import BackboneSpec
-from ..visualize import draw_token_maps, to_rgb
+from ..visualize import draw_token_maps, patch_owners, to_rgb
 from .common import format_summary, job_loggers
 from .evaluate import build_pruned_model, check_data_fits_model
 from .records import RunRecorder
@@ -176,6 +176,8 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
             Path(settings.out_dir) / name,
         )
         log_image(loggers, path, title)
+        if hasattr(datamodule, "patch_kinds") and settings.split == "val":
+            recorder.details["kept_by_kind"] = kept_by_kind(model, datamodule)
         recorder.details.update(
             png=str(path),
             grid=[len(indices), 1 + len(steps)],
@@ -186,4 +188,32 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         )
     print(format_summary(recorder.record))
     print(f"  token maps: {path}")
+    if "kept_by_kind" in recorder.details:
+        kept = recorder.details["kept_by_kind"]
+        print(
+            "  patches kept by the last step, held out: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in kept.items())
+        )
     return recorder.record
+
+
+def kept_by_kind(model: torch.nn.Module, datamodule: ClassificationDataModule) -> dict[str, float]:
+    """The fraction of each kind of patch (cluttered MNIST: blank, clutter, digit) that the method's
+    last step keeps (a patch merged into a kept token counts as kept), over the held-out split.
+
+    Random drop keeps every kind at about K; a method that finds the object keeps more digit
+    patches than that, and fewer blank and clutter ones."""
+    from ..data.cluttered_mnist import PATCH_KINDS
+
+    kinds = datamodule.patch_kinds("held_out", model.patch_embed.patch_size[0])
+    kept = []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            model(batch[0])
+            kept.append(torch.from_numpy(patch_owners(model.last_trace[-1][1], model.num_prefix_tokens) >= 0))
+    kept = torch.cat(kept)
+    return {
+        name: round(kept[kinds == index].float().mean().item(), 4)
+        for index, name in enumerate(PATCH_KINDS)
+        if (kinds == index).any()
+    }
