@@ -408,3 +408,32 @@ def test_trained_file_with_a_fine_tuned_backbone_loads_it_into_the_model(tmp_pat
     info = load_trained(reducer, path, model=model)
     assert "fine-tuned" in info["backbone"]
     assert torch.equal(model.blocks[2].mlp.fc1.weight, tuned["blocks.2.mlp.fc1.weight"])
+
+
+def test_a_recipe_whose_lr_never_leaves_warm_up_is_refused_and_the_study_recipe_reaches_its_lr(tmp_path):
+    """Per-epoch stepping (TNT's and dTPS's official schedule) trains epochs 0 and 1 at warmup_lr:
+    with the embedded study's single epoch a training would run at 1e-6 throughout."""
+    from tnt_lightning.config import ConfigError
+    from tnt_lightning.lit.optim import build_optimizer
+    from tnt_lightning.tasks.train import check_schedule_reaches_lr
+
+    study = ["model=vit_cmnist", "data=cluttered_mnist"]
+    for method in ("tnt", "dtps"):
+        bad = compose_config([f"method={method}", *study, "data.train_overrides.schedule=epoch"], tmp_path)
+        with pytest.raises(
+            ConfigError, match=r"schedule=epoch with epochs=1 .* warmup_lr=1e-06.*schedule=step"
+        ):
+            check_schedule_reaches_lr(bad)
+        cfg = compose_config([f"method={method}", *study], tmp_path)
+        check_schedule_reaches_lr(cfg)
+        rec = recipe(cfg)
+        optim = OptimConfig(
+            lr=1e-3, warmup_epochs=rec.warmup_epochs, warmup_lr=rec.warmup_lr, schedule=rec.schedule
+        )
+        optimizer, scheduler = build_optimizer([("w", torch.nn.Parameter(torch.zeros(1)))], optim, 125, 1)
+        lrs = []
+        for _ in range(125):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert max(lrs) == pytest.approx(1e-3, rel=0.05)

@@ -93,6 +93,22 @@ def recipe(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg.method.train, common, overrides.get(cfg.method.name) or {})
 
 
+def check_schedule_reaches_lr(cfg: DictConfig) -> None:
+    """Refuse a recipe whose lr never leaves its warm-up value.
+
+    ``schedule: epoch`` steps the lr once per epoch as DeiT's loop with timm 0.3.2 does, where the
+    first two epochs both train at ``warmup_lr``; with 1 or 2 epochs (the embedded study's budget)
+    a training would run entirely at ``warmup_lr`` (1e-6) and learn nothing."""
+    rec = recipe(cfg)
+    if rec.get("schedule") == "epoch" and float(rec.warmup_epochs) > 0 and int(rec.epochs) <= 2:
+        raise ConfigError(
+            f"method={cfg.method.name}: method.train.schedule=epoch with epochs={int(rec.epochs)} and "
+            f"warmup_epochs={rec.warmup_epochs} trains every step at warmup_lr={rec.warmup_lr} (the lr is "
+            f"stepped per epoch, and epochs 0 and 1 both run at warmup_lr): use schedule=step (per-step "
+            f"warm-up and cosine), more than 2 epochs, or warmup_epochs=0"
+        )
+
+
 def backbone_identity(spec: BackboneSpec, cache_dir: str) -> dict[str, Any]:
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()
@@ -141,6 +157,7 @@ def fit(
 ) -> tuple[TokenReductionModule, dict]:
     """Train the method's parameters (and the backbone, if the recipe fine-tunes it), resuming from
     ``workdir/last.ckpt``."""
+    check_schedule_reaches_lr(cfg)
     rec = recipe(cfg)
     L.seed_everything(cfg.seed, workers=True)
     train_spec = dataclasses.replace(spec, drop_path_rate=float(rec.drop_path))
@@ -443,6 +460,7 @@ def check_can_provide(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
         return
     if not recipe(cfg).auto:
         raise_untrained(cfg, reducer, path)
+    check_schedule_reaches_lr(cfg)
     if spec.weights == "random":
         raise TrainedParametersError(
             f"method={reducer.name} would first be trained, {int(recipe(cfg).epochs)} epochs, on model="
