@@ -35,6 +35,7 @@ from ..config import ConfigError, UserError
 from ..engine import apply_reducer, backbone_info
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
+from ..lit.optim import epoch_lr
 from ..methods import LearnedReducer, build_reducer
 from ..models import (
     BackboneSpec,
@@ -96,13 +97,18 @@ def recipe(cfg: DictConfig) -> DictConfig:
 def check_schedule_reaches_lr(cfg: DictConfig) -> None:
     """Refuse a recipe whose lr never leaves its warm-up value.
 
-    ``schedule: epoch`` steps the lr once per epoch as DeiT's loop with timm 0.3.2 does, where the
-    first two epochs both train at ``warmup_lr``; with 1 or 2 epochs (the embedded study's budget)
-    a training would run entirely at ``warmup_lr`` (1e-6) and learn nothing."""
+    ``schedule: epoch`` steps the lr once per epoch as DeiT's loop with timm 0.3.2 does
+    (:func:`~tnt_lightning.lit.optim.epoch_lr`), where the first two epochs both train at
+    ``warmup_lr``: with 1 or 2 epochs (the embedded study's budget) a training would run entirely
+    at ``warmup_lr`` (1e-6) and learn nothing."""
     rec = recipe(cfg)
-    if rec.get("schedule") == "epoch" and float(rec.warmup_epochs) > 0 and int(rec.epochs) <= 2:
+    if rec.get("schedule") != "epoch":
+        return
+    optim = OptimConfig(lr=float(rec.base_lr), warmup_epochs=rec.warmup_epochs, warmup_lr=rec.warmup_lr)
+    epochs = int(rec.epochs)
+    if max(epoch_lr(optim, e, epochs) for e in range(epochs)) <= optim.warmup_lr:
         raise ConfigError(
-            f"method={cfg.method.name}: method.train.schedule=epoch with epochs={int(rec.epochs)} and "
+            f"method={cfg.method.name}: method.train.schedule=epoch with epochs={epochs} and "
             f"warmup_epochs={rec.warmup_epochs} trains every step at warmup_lr={rec.warmup_lr} (the lr is "
             f"stepped per epoch, and epochs 0 and 1 both run at warmup_lr): use schedule=step (per-step "
             f"warm-up and cosine), more than 2 epochs, or warmup_epochs=0"
