@@ -16,6 +16,7 @@ from tnt_lightning.engine import (
     Tokens,
     apply_reducer,
     backbone_info,
+    complement,
     remove_reducer,
 )
 from tnt_lightning.methods import RandomDrop, ToMe, TopK
@@ -244,3 +245,8 @@ def test_tokens_keep_gathers_every_tracked_field():
     kept = t.keep(torch.tensor([[3, 0]]))
     assert kept.x[0, :, 0].tolist() == [0.0, 8.0, 2.0]
     assert kept.size.flatten().tolist() == [1.0, 5.0, 2.0]
+
+
+def test_complement_lists_the_untaken_indices_ascending():
+    idx = torch.tensor([[4, 0, 2], [1, 5, 3]])
+    assert complement(idx, 6).tolist() == [[1, 3, 5], [0, 2, 4]]

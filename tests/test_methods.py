@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tnt_lightning.engine import AttentionInfo, Location, Site, Tokens
-from tnt_lightning.methods import ETPS, EViT, RandomDrop, ToMe, TopK, ZeroTP
+from tnt_lightning.methods import ETPS, EViT, RandomDrop, ToMe, TopK, ZeroTP, zerotp
 from tnt_lightning.methods.similarity import random_partition_prune, sequential_partition_prune
 from tnt_lightning.methods.squeeze import squeeze, squeeze_masked
 from tnt_lightning.methods.zerotp import weighted_pagerank
@@ -130,6 +130,15 @@ def test_weighted_pagerank_by_hand():
     w2 = weighted_pagerank(a, 2)[0, 0]
     assert w2.tolist() == pytest.approx([1 / 12, 1 / 4, 2 / 3])
     assert w2.sum().item() == pytest.approx(1.0)
+
+
+def test_weighted_pagerank_in_cache_sized_chunks_equals_the_whole_batch(monkeypatch):
+    probs = torch.randn(7, 3, 20, 20).softmax(dim=-1)
+    whole = weighted_pagerank(probs, 5)
+    monkeypatch.setattr(zerotp, "CPU_CHUNK_BYTES", 2 * 3 * 20 * 20 * 4)  # two images per chunk
+    assert torch.equal(weighted_pagerank(probs, 5), whole)
+    single = torch.stack([weighted_pagerank(probs[i : i + 1], 5)[0] for i in range(7)])
+    assert torch.allclose(whole, single, atol=1e-7)
 
 
 def test_zerotp_aggregates_heads_by_root_mean_square():

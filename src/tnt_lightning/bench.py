@@ -51,6 +51,8 @@ COLUMNS = [
     "speedup",
     "speedup / ratio",
 ]
+# One graph: the whole forward compiled; each graph break adds one (and runs eager between them).
+COMPILE_COLUMNS = ["compile s", "graphs"]
 
 
 def compose_overrides(overrides: list[str]):
@@ -113,9 +115,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def columns(compiled: bool) -> list[str]:
+    """The table's columns; compiled runs add the compile time and the graphs compiled."""
+    return COLUMNS + COMPILE_COLUMNS if compiled else COLUMNS
+
+
+def markdown(rows: list[dict[str, Any]], compiled: bool = False) -> str:
     """The table of ``rows`` in markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    header = columns(compiled)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             r["method"],
@@ -127,6 +135,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['speedup']:.3f}",
             f"{r['speedup_over_flops_limit']:.3f}",
         ]
+        if compiled:
+            cells += [f"{r['compile_s']:.0f}", str(r["graphs"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"load average {protocol['load_average_before']}",
         flush=True,
     )
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    header = columns(args.compile)
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     rows: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     for name, schedule, overrides in runs:
@@ -228,9 +239,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             **{k: sp[k] for k in ("speedup", "method_img_s", "base_img_s", "pairs")},
             "speedup_over_flops_limit": sp["speedup"] / ratio,
             "compile_s": timed.compile_s,
+            "graphs": timed.graphs,
+            "graph_breaks": timed.graph_breaks,
         }
         rows.append(row)
-        print(markdown([row]).splitlines()[-1], flush=True)
+        print(markdown([row], args.compile).splitlines()[-1], flush=True)
     protocol["load_average_after"] = load_average()
     print(f"load average after: {protocol['load_average_after']}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,8 +256,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     (args.out / "bench.md").write_text(
         f"{title}; load average {protocol['load_average_before']} before, "
-        f"{protocol['load_average_after']} after\n\n{markdown(rows)}\n"
+        f"{protocol['load_average_after']} after\n\n{markdown(rows, args.compile)}\n"
         + "".join(f"\nrefused: {r['method']} {r['schedule']}: {r['error']}\n" for r in refused)
+        + "".join(
+            f"\ngraph breaks: {r['method']} {r['schedule']}: {'; '.join(r['graph_breaks'])}\n"
+            for r in rows
+            if r["graph_breaks"]
+        )
     )
     plot(rows, args.out / "speedup_vs_gflops.png", title)
     print(f"bench: {args.out / 'bench.md'}, {args.out / 'bench.json'}, {args.out / 'speedup_vs_gflops.png'}")

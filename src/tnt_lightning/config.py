@@ -113,6 +113,21 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _check(ok, "trainer.devices", devices, "'auto', -1, an integer >= 1 or a list of device indices")
 
 
+def _check_compile_isolation() -> None:
+    """measure.compile needs ``torch.compile(isolate_recompiles=...)``: without it, a process's
+    ninth compiled model would silently run eager (measure/throughput.py)."""
+    import inspect
+
+    import torch
+
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        raise ConfigError(
+            f"measure.compile=true needs a torch whose torch.compile has isolate_recompiles (torch "
+            f"{torch.__version__} has not; requirements.txt pins one that has): without it the ninth model "
+            f"compiled in a process is silently timed eager"
+        )
+
+
 def _validate_schedule(cfg: DictConfig) -> None:
     name = OmegaConf.select(cfg, "schedule.name")
     _check(name in ("single", "multi"), "schedule.name", name, "one of ['single', 'multi']")
@@ -216,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
     _check(dtype in MEASURE_DTYPES, "measure.dtype", dtype, f"one of {list(MEASURE_DTYPES)}")
     compile_ = OmegaConf.select(cfg, "measure.compile")
     _check(isinstance(compile_, bool), "measure.compile", compile_, "true or false")
+    if compile_:
+        _check_compile_isolation()
     device = OmegaConf.select(cfg, "measure.device")
     _check(
         device == "auto" or str(device).split(":")[0] in ("cpu", "cuda"),

@@ -11,7 +11,7 @@ from .reducer import (
     Site,
     TokenReducer,
 )
-from .tokens import Tokens, gather_rows
+from .tokens import Tokens, complement, gather_rows
 
 __all__ = [
     "AttentionInfo",
@@ -26,6 +26,7 @@ __all__ = [
     "apply_reducer",
     "attend",
     "backbone_info",
+    "complement",
     "gather_rows",
     "remove_reducer",
     "softmax_with_policy",

@@ -19,6 +19,16 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, index)
 
 
+def complement(idx: Tensor, n: int) -> Tensor:
+    """[B, n - k] indices in 0..n-1 not in ``idx`` ([B, k]), ascending.
+
+    A stable sort of the taken-mask rather than boolean indexing: the result's shape is known
+    without looking at the data, so ``torch.compile`` traces it without a graph break.
+    """
+    taken = torch.zeros(idx.shape[0], n, dtype=torch.uint8, device=idx.device).scatter_(1, idx, 1)
+    return taken.sort(dim=1, stable=True).indices[:, : n - idx.shape[1]]
+
+
 @dataclass
 class Tokens:
     """Token state passed from hook to hook.

@@ -26,6 +26,7 @@ from ..config import MEASURE_DTYPES
 
 MODES = ("paper", "robust")
 DTYPES = dict(zip(MEASURE_DTYPES, (None, torch.bfloat16, torch.float16), strict=True))
+RECOMPILE_LIMIT = 64
 
 
 def device_name(device: torch.device) -> str:
@@ -52,7 +53,9 @@ def _sync(device: torch.device) -> None:
 class TimedModel:
     """A model in eval mode on ``device``, run under ``dtype`` autocast, compiled if asked.
 
-    The first call of a compiled model compiles it; :meth:`warm_up` times that call apart.
+    The first call of a compiled model compiles it; :meth:`warm_up` times that call apart and
+    counts the graphs it compiled (one: the whole forward traced; more: graph breaks, each a
+    return to eager, whose first lines of reason are kept in ``graph_breaks``).
     """
 
     def __init__(
@@ -65,8 +68,18 @@ class TimedModel:
         self.dtype = dtype
         self.compile = compile
         self.compile_s: float | None = None
+        self.graphs: int | None = None
+        self.graph_breaks: list[str] = []
         self.warmed = False
-        self._forward = torch.compile(self.model) if compile else self.model
+        # Past torch's recompile limit (8 per function) torch.compile silently runs the rest eager.
+        # isolate_recompiles: every model of a process shares the patched forward's code object,
+        # so make bench's ninth model or a sweep's ninth job would be timed uncompiled. The limit:
+        # after a graph break, the per-block function is compiled once per block index (12+).
+        self._forward = (
+            torch.compile(self.model, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
+            if compile
+            else self.model
+        )
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -79,11 +92,16 @@ class TimedModel:
     def warm_up(self, inputs: torch.Tensor, passes: int) -> None:
         """``passes`` untimed passes; a compiled model's first one (compilation) is timed alone."""
         if self.compile and self.compile_s is None:
+            counters = torch._dynamo.utils.counters
+            graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
             _sync(self.device)
             start = time.perf_counter()
             self(inputs)
             _sync(self.device)
             self.compile_s = time.perf_counter() - start
+            self.graphs = counters["stats"]["unique_graphs"] - graphs
+            new_breaks = (r for r, n in counters["graph_break"].items() if n > breaks.get(r, 0))
+            self.graph_breaks = sorted({reason.split("\n")[0] for reason in new_breaks})
             passes -= 1
         for _ in range(passes):
             self(inputs)
@@ -105,6 +123,8 @@ class TimedModel:
             "dtype": self.dtype,
             "compile": self.compile,
             "compile_s": self.compile_s,
+            "graphs": self.graphs,
+            "graph_breaks": self.graph_breaks,
             "device": device_name(self.device),
             "threads": torch.get_num_threads(),
         }

@@ -16,16 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens, gather_rows
+from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens, complement, gather_rows
 from .keep import keep_ceil
 from .staged import StagedReducer
 from .topk import cls_attention
-
-
-def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n - k] indices in 0..n-1 not in ``idx`` ([B, k]), ascending."""
-    taken = torch.zeros(idx.shape[0], n, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
-    return (~taken).nonzero()[:, 1].view(idx.shape[0], n - idx.shape[1])
 
 
 class EViT(StagedReducer):

@@ -12,17 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import gather_rows
+from ..engine import complement, gather_rows
 
 
-def _most_redundant(features: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """For A and B given as [B, |A|] / [B, |B|] indices: mask of A members kept, and A's best B match."""
+def _most_redundant(features: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For A and B given as [B, |A|] / [B, |B|] indices: the kept and the dropped members of A
+    (as [B, .] indices, each in A's order), and each dropped member's best match in B.
+
+    Index arithmetic of static shape (no boolean indexing), so that ``torch.compile`` traces it.
+    """
     a = F.normalize(gather_rows(features, a_idx), dim=-1)
     b = F.normalize(gather_rows(features, b_idx), dim=-1)
     best, match = (a @ b.transpose(1, 2)).max(dim=-1)
-    dropped = best.topk(r, dim=1, largest=True, sorted=False).indices
-    keep_a = torch.ones_like(best, dtype=torch.bool).scatter_(1, dropped, False)
-    return keep_a, gather_rows(b_idx, match)
+    dropped = best.topk(r, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
+    kept = complement(dropped, a_idx.shape[1])
+    dropped_match = gather_rows(b_idx, gather_rows(match, dropped))
+    return gather_rows(a_idx, kept), gather_rows(a_idx, dropped), dropped_match
 
 
 def _random_partition(
@@ -56,8 +61,8 @@ def random_partition_prune(
     """
     batch, m, _ = features.shape
     a_idx, b_idx = _random_partition(batch, m, features.device, generator, per_sample)
-    keep_a, _ = _most_redundant(features, a_idx, b_idx, r)
-    survivors = torch.cat([a_idx[keep_a].view(batch, -1), b_idx], dim=1)
+    kept_a, _, _ = _most_redundant(features, a_idx, b_idx, r)
+    survivors = torch.cat([kept_a, b_idx], dim=1)
     order = gather_rows(importance, survivors).argsort(dim=1, descending=True)
     return gather_rows(survivors, order)[:, :keep]
 
@@ -78,11 +83,9 @@ def random_partition_merge(
     """
     batch, m, dim = features.shape
     a_idx, b_idx = _random_partition(batch, m, features.device, generator, per_sample)
-    keep_a, match = _most_redundant(features, a_idx, b_idx, r)
-    src = a_idx[~keep_a].view(batch, -1)
-    dst = match[~keep_a].view(batch, -1)
+    kept_a, src, dst = _most_redundant(features, a_idx, b_idx, r)
     merged = x.scatter_reduce(1, dst[..., None].expand(-1, -1, dim), gather_rows(x, src), reduce="mean")
-    survivors = torch.cat([a_idx[keep_a].view(batch, -1), b_idx], dim=1)
+    survivors = torch.cat([kept_a, b_idx], dim=1)
     order = gather_rows(importance, survivors).argsort(dim=1, descending=True)
     return gather_rows(survivors, order)[:, :keep], merged
 
@@ -95,5 +98,5 @@ def sequential_partition_prune(features: Tensor, importance: Tensor, r: int) -> 
     order = importance.argsort(dim=1, descending=True)
     half = order.shape[1] // 2
     b_idx, a_idx = order[:, :half], order[:, half:]
-    keep_a, _ = _most_redundant(features, a_idx, b_idx, r)
-    return torch.cat([b_idx, a_idx[keep_a].view(order.shape[0], -1)], dim=1)
+    kept_a, _, _ = _most_redundant(features, a_idx, b_idx, r)
+    return torch.cat([b_idx, kept_a], dim=1)

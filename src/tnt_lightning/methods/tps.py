@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..engine import AttentionInfo, AttentionNeeds, ReductionError, Site, Tokens, gather_rows
-from .evit import complement
+from ..engine import AttentionInfo, AttentionNeeds, ReductionError, Site, Tokens, complement, gather_rows
 from .keep import keep_ceil, keep_floor
 from .squeeze import squeeze
 from .staged import StagedReducer

