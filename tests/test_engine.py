@@ -17,6 +17,7 @@ from tnt_lightning.engine import (
     apply_reducer,
     backbone_info,
     complement,
+    gather_rows,
     remove_reducer,
 )
 from tnt_lightning.methods import RandomDrop, ToMe, TopK
@@ -250,3 +251,13 @@ def test_tokens_keep_gathers_every_tracked_field():
 def test_complement_lists_the_untaken_indices_ascending():
     idx = torch.tensor([[4, 0, 2], [1, 5, 3]])
     assert complement(idx, 6).tolist() == [[1, 3, 5], [0, 2, 4]]
+
+
+def test_gather_rows_is_torch_gather_for_any_row_shape_and_a_strided_input():
+    x = torch.randn(3, 8, 4)[:, ::2]  # strided, as ToMe's sets A and B
+    idx = torch.tensor([[1, 2], [0, 3], [3, 3]])
+    assert torch.equal(gather_rows(x, idx), x.gather(1, idx[..., None].expand(-1, -1, 4)))
+    scores = torch.randn(3, 5)
+    assert torch.equal(gather_rows(scores, idx), scores.gather(1, idx))
+    grouped = torch.randint(0, 4, (3, 2, 5))  # [B, k, m] indices
+    assert torch.equal(gather_rows(x, grouped), torch.stack([x[b][grouped[b]] for b in range(3)]))
