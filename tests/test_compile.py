@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tnt_lightning import bench
+from tnt_lightning.config import ConfigError, validate
 from tnt_lightning.measure import TimedModel
 
 
@@ -37,6 +38,16 @@ def test_models_past_torchs_recompile_limit_are_still_compiled():
         timed.warm_up(torch.ones(2), 1)
         assert timed.graphs == 1 and timed.graph_breaks == []
         assert torch.equal(timed(torch.ones(2)), torch.full((2,), factor))
+
+
+def test_compile_is_refused_before_any_work_on_a_torch_without_isolated_recompiles(monkeypatch, compose_cfg):
+    def old_compile(model, fullgraph=False, dynamic=None, backend="inductor"):
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    with pytest.raises(ConfigError, match="measure.compile=true needs a torch whose torch.compile has"):
+        validate(compose_cfg("measure.compile=true"))
+    validate(compose_cfg())  # uncompiled runs do not need it
 
 
 def test_a_graph_break_is_counted_with_its_reason():

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 # On a CPU, PageRank's vector-matrix products are bound by memory traffic: a batch of 32 DeiT-S
 # attention maps is 30 MB, read once per iteration. Iterating a few images at a time keeps their
-# maps in cache across the iterations (3x faster at batch 32, bitwise the same result); a GPU
+# maps in cache across the iterations (3x faster at batch 32, bitwise the same result; at least
+# 2 images per chunk, as a single image's product takes a kernel that rounds differently); a GPU
 # takes the whole batch at once.
 CPU_CHUNK_BYTES = 4 * 2**20
 
