@@ -14,10 +14,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from ..lit import ImageClassifier, LastCheckpoint, OptimConfig
 from ..lit.estimate import TrainingTimeEstimate
 from ..models import BackboneSpec
+from ..models.patch_dropout import ContentPatchDropout
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,16 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
                 recipe.epochs,
                 checkpoints[0].path,
             )
+        # Patch dropout (models/patch_dropout.py): every step sees a random share of the patch
+        # tokens, on some steps the ones with content first, so that the backbone learns to
+        # classify from the token sets the methods will feed it; each step is cheaper too.
+        drop_hook = None
+        if recipe.get("patch_drop"):
+            drop = OmegaConf.to_container(recipe.patch_drop)
+            model.patch_drop = ContentPatchDropout(
+                model.patch_embed.patch_size[0], num_prefix_tokens=model.num_prefix_tokens, **drop
+            )
+            drop_hook = model.register_forward_pre_hook(lambda _, args: model.patch_drop.observe(args[0]))
         trainer = make_trainer(
             cfg,
             loggers,
@@ -153,9 +165,13 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
             callbacks=checkpoints,
             enable_checkpointing=bool(checkpoints),
             check_val_every_n_epoch=recipe.epochs,
+            gradient_clip_val=recipe.get("gradient_clip_val"),
         )
         ckpt_path = str(checkpoints[0].path) if start is not None else None
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if drop_hook is not None:
+            drop_hook.remove()
+            model.patch_drop = nn.Identity()
         (result,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         model.cpu().eval()
         return {
