@@ -70,6 +70,14 @@ def test_bad_settings_fail_naming_the_key(kwargs, match):
         ContentPatchDropout(patch_size=2, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("patch_drop", "match"), [({"kep": [0.2, 0.5]}, "unknown keys.*kep"), ({"keep": [0.9, 0.2]}, "keep")]
+)
+def test_a_bad_patch_drop_recipe_fails_when_the_model_config_is_read(patch_drop, match):
+    with pytest.raises(ValueError, match=f"model.pretrain.patch_drop.*{match}"):
+        BackboneSpec(name="m", arch={"patch_size": 4}, weights="random", pretrain={"patch_drop": patch_drop})
+
+
 def test_a_pretraining_with_patch_dropout_trains_on_fewer_tokens_and_caches_a_plain_vit(tmp_path):
     from hydra.utils import instantiate
 

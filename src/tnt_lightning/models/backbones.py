@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ConfigError, UserError
 from .conv_stem import EMBED_LAYERS
+from .patch_dropout import ContentPatchDropout
 
 WEIGHT_SOURCES = ("hub", "pretrain", "checkpoint", "random")
 
@@ -118,10 +119,25 @@ class BackboneSpec:
             raise ValueError(f"model.weights={self.weights!r} is not one of {list(WEIGHT_SOURCES)}")
         if self.weights == "pretrain" and not self.pretrain:
             raise ValueError(f"model {self.name!r}: model.weights=pretrain needs a model.pretrain section")
+        if self.pretrain.get("patch_drop"):
+            check_patch_drop(dict(self.pretrain["patch_drop"]))
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         if self.num_classes < 1:
             raise ValueError(f"model.num_classes={self.num_classes} must be a positive integer")
+
+
+def check_patch_drop(settings: dict[str, Any]) -> None:
+    """Refuse a ``model.pretrain.patch_drop`` that :class:`ContentPatchDropout` would not take, when
+    the config is read rather than once the pretraining starts."""
+    allowed = ("keep", "content_first")
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"model.pretrain.patch_drop has unknown keys {unknown}; allowed: {list(allowed)}")
+    try:
+        ContentPatchDropout(patch_size=1, **settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.pretrain.patch_drop: {error}") from error
 
 
 def create_model(spec: BackboneSpec) -> VisionTransformer:

@@ -157,7 +157,9 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
             model.patch_drop = ContentPatchDropout(
                 model.patch_embed.patch_size[0], num_prefix_tokens=model.num_prefix_tokens, **drop
             )
-            drop_hook = model.register_forward_pre_hook(lambda _, args: model.patch_drop.observe(args[0]))
+            drop_hook = model.register_forward_pre_hook(
+                lambda _, args: model.patch_drop.observe(args[0]) if model.training else None
+            )
         trainer = make_trainer(
             cfg,
             loggers,
@@ -168,10 +170,12 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
             gradient_clip_val=recipe.get("gradient_clip_val"),
         )
         ckpt_path = str(checkpoints[0].path) if start is not None else None
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if drop_hook is not None:
-            drop_hook.remove()
-            model.patch_drop = nn.Identity()
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            if drop_hook is not None:
+                drop_hook.remove()
+                model.patch_drop = nn.Identity()
         (result,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         model.cpu().eval()
         return {
