@@ -253,6 +253,34 @@ def test_masked_softmax_lets_a_query_attend_only_to_kept_keys_and_itself():
     assert weights[0, 0, 0, 1] < 1e-5  # the dropped key gets only the eps floor
 
 
+def official_masked_softmax(scores, policy, eps=1e-6):
+    """The official ``softmax_with_policy`` formula, left to autograd (without its fp32 cast)."""
+    n = scores.shape[-1]
+    allowed = policy.reshape(policy.shape[0], 1, 1, n)
+    allowed = allowed + (1.0 - allowed) * torch.eye(n, dtype=allowed.dtype).view(1, 1, n, n)
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp() * allowed
+    return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def test_masked_softmax_gradients_equal_autograd_of_the_official_formula():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    policy = (torch.rand(3, 7, 1, dtype=torch.float64) > 0.4).double().requires_grad_(True)
+    upstream = torch.randn(3, 2, 7, 7, dtype=torch.float64)
+    expected = official_masked_softmax(scores, policy)
+    got = softmax_with_policy(scores, policy)
+    torch.testing.assert_close(got, expected, atol=1e-15, rtol=1e-12)
+    for g, e in zip(
+        torch.autograd.grad(got, (scores, policy), upstream),
+        torch.autograd.grad(expected, (scores, policy), upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, atol=1e-14, rtol=1e-10)
+    assert torch.autograd.gradcheck(softmax_with_policy, (scores, policy))
+    half = softmax_with_policy(scores.detach().bfloat16(), policy.detach().bfloat16())
+    assert half.dtype == torch.bfloat16  # computed in fp32, returned in the caller's dtype
+
+
 # -- trained parameters: files, identities, early errors ----------------------------------------
 
 
