@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_config, run_py, tiny_vit
 from tnt_lightning.engine import ReductionError, Tokens, apply_reducer, backbone_info
-from tnt_lightning.engine.attention import softmax_with_policy
+from tnt_lightning.engine.attention import attend, softmax_with_policy
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
 from tnt_lightning.models import create_model, save_artefact
@@ -279,6 +279,34 @@ def test_masked_softmax_gradients_equal_autograd_of_the_official_formula():
     assert torch.autograd.gradcheck(softmax_with_policy, (scores, policy))
     half = softmax_with_policy(scores.detach().bfloat16(), policy.detach().bfloat16())
     assert half.dtype == torch.bfloat16  # computed in fp32, returned in the caller's dtype
+
+
+def test_chunked_masked_attention_equals_the_unfused_path_and_its_gradients(monkeypatch):
+    """Masked training runs MaskedAttention a few images at a time; asking for the probabilities
+    forces the unfused path (scores, masked softmax, @ v) on the same layer and input."""
+    from timm.layers import Attention
+
+    from tnt_lightning.engine import AttentionNeeds
+    from tnt_lightning.engine import attention as engine_attention
+
+    torch.manual_seed(0)
+    layer = Attention(dim=8, num_heads=2, qkv_bias=True).double()
+    x = torch.randn(5, 6, 8, dtype=torch.float64, requires_grad=True)
+    policy = torch.cat([torch.ones(5, 1, 1), (torch.rand(5, 5, 1) > 0.5).float()], 1).double()
+    policy.requires_grad_(True)
+    upstream = torch.randn(5, 6, 8, dtype=torch.float64)
+    monkeypatch.setattr(engine_attention, "CHUNK_BYTES", 2 * 2 * 6 * 6 * 8)  # chunks of 2, 2, 1
+    assert engine_attention.chunk_size(torch.empty(5, 2, 6, 4, dtype=torch.float64)) == 2
+    results = []
+    for needs in (AttentionNeeds(), AttentionNeeds(probs=True)):
+        out, info = attend(layer, x, needs, policy=policy)
+        assert (info.probs is None) == (not needs.probs)
+        inputs = (x, policy, *layer.parameters())
+        results.append((out, torch.autograd.grad(out, inputs, upstream)))
+    (chunked, chunked_grads), (unfused, unfused_grads) = results
+    torch.testing.assert_close(chunked, unfused, atol=1e-14, rtol=1e-12)
+    for got, expected in zip(chunked_grads, unfused_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-13, rtol=1e-10)
 
 
 # -- trained parameters: files, identities, early errors ----------------------------------------

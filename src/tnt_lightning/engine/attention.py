@@ -1,7 +1,7 @@
 """timm's attention, run so that it can also return what a method needs.
 
-Only layers whose method needs the full attention probabilities (or masked training) leave the
-fused kernel; keys alone and additive biases (proportional attention) keep
+Only layers whose method needs the full attention probabilities (or masked training, which runs
+:class:`MaskedAttention`) leave the fused kernel; keys alone and additive biases (proportional attention) keep
 ``scaled_dot_product_attention``. A method that reads only the CLS query's row of the
 probabilities (``AttentionNeeds.cls_probs``: Top-K, EViT, eTPS, ATS) gets that row computed
 explicitly and the other queries' attention fused, which is the same arithmetic.
@@ -19,44 +19,57 @@ from torch import Tensor
 from .reducer import AttentionInfo, AttentionNeeds
 
 
-class PolicySoftmax(torch.autograd.Function):
-    """DynamicViT's masked softmax with a hand-written backward.
+def masked_softmax_parts(
+    scores: Tensor, policy: Tensor, eps: float, locate_peaks: bool = True
+) -> tuple[Tensor | None, ...]:
+    """DynamicViT's masked softmax, op for op as the official ``softmax_with_policy``, with what its
+    derivative needs: where each row's maximum is (``locate_peaks``), ``exp(s - max)``, its
+    allowed part, the probabilities and their normaliser. ``policy``: [B, N, 1]; ``scores``:
+    [B, H, N, N]."""
+    n = scores.shape[-1]
+    keys = policy.reshape(policy.shape[0], 1, 1, n)
+    allowed = keys + (1.0 - keys) * torch.eye(n, dtype=keys.dtype, device=keys.device)
+    if locate_peaks:
+        peak, where = scores.max(dim=-1, keepdim=True)
+    else:  # a forward without backward: amax is the cheaper pass
+        peak, where = scores.amax(dim=-1, keepdim=True), None
+    weights = (scores - peak).exp_()
+    kept = weights * allowed
+    denom = kept.sum(dim=-1, keepdim=True).add_(eps)
+    return where, weights, kept, (kept + eps / n).div_(denom), denom
 
-    The forward is the official arithmetic, op for op. Autograd through it kept about ten
-    [B, H, N, N] intermediates and ran twice as many passes over them; masked training spent 70 %
-    of a step there (DynamicViT on ``vit_cmnist``, README "Embedded study"). The backward below is
-    the exact derivative of the same forward, including the max shift's share (non-zero because of
-    the ``eps`` terms), so the gradients equal autograd's (``tests/test_learned.py``).
-    """
+
+def masked_softmax_backward(
+    grad: Tensor, parts: tuple[Tensor, ...], need_policy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The exact derivative of :func:`masked_softmax_parts`, the max shift's share included (it is
+    not zero because of the ``eps`` terms; it goes to the one maximum ``torch.max`` picked, as in
+    the official code's autograd)."""
+    where, weights, kept, probs, denom = parts
+    grad_kept = (grad - (grad * probs).sum(dim=-1, keepdim=True)).div_(denom)
+    grad_scores = grad_kept * kept
+    grad_scores.scatter_add_(-1, where, -grad_scores.sum(dim=-1, keepdim=True))
+    if not need_policy:
+        return grad_scores, None
+    n = kept.shape[-1]
+    grad_allowed = (grad_kept * weights).sum(dim=1)  # [B, N, N]: the heads share the mask
+    off_diagonal = 1.0 - torch.eye(n, dtype=grad_allowed.dtype, device=grad_allowed.device)
+    return grad_scores, (grad_allowed * off_diagonal).sum(dim=1).unsqueeze(-1)
+
+
+class PolicySoftmax(torch.autograd.Function):
+    """The masked softmax with a hand-written backward: autograd through its ops kept about ten
+    [B, H, N, N] intermediates and ran twice as many passes over them."""
 
     @staticmethod
     def forward(ctx, scores: Tensor, policy: Tensor, eps: float) -> Tensor:
-        n = scores.shape[-1]
-        keys = policy.reshape(policy.shape[0], 1, 1, n)
-        allowed = keys + (1.0 - keys) * torch.eye(n, dtype=keys.dtype, device=keys.device)
-        peak = scores.amax(dim=-1, keepdim=True)
-        weights = (scores - peak).exp_()
-        kept = weights * allowed
-        denom = kept.sum(dim=-1, keepdim=True).add_(eps)
-        probs = (kept + eps / n).div_(denom)
-        ctx.save_for_backward(scores, peak, weights, allowed, probs, denom)
-        return probs
+        parts = masked_softmax_parts(scores, policy, eps)
+        ctx.save_for_backward(*parts)
+        return parts[3]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
-        scores, peak, weights, allowed, probs, denom = ctx.saved_tensors
-        grad_kept = (grad - (grad * probs).sum(dim=-1, keepdim=True)).div_(denom)
-        grad_scores = grad_kept * weights * allowed
-        ties = scores == peak  # the shift by the row's maximum, shared by its maxima as amax does
-        share = grad_scores.sum(dim=-1, keepdim=True) / ties.sum(dim=-1, keepdim=True)
-        grad_scores -= ties * share
-        grad_policy = None
-        if ctx.needs_input_grad[1]:
-            n = scores.shape[-1]
-            grad_allowed = (grad_kept * weights).sum(dim=1)  # [B, N, N]: the heads share the mask
-            off_diagonal = 1.0 - torch.eye(n, dtype=grad_allowed.dtype, device=grad_allowed.device)
-            grad_policy = (grad_allowed * off_diagonal).sum(dim=1).unsqueeze(-1)
-        return grad_scores, grad_policy, None
+        return (*masked_softmax_backward(grad, ctx.saved_tensors, ctx.needs_input_grad[1]), None)
 
 
 def softmax_with_policy(scores: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
@@ -69,6 +82,75 @@ def softmax_with_policy(scores: Tensor, policy: Tensor, eps: float = 1e-6) -> Te
     compute = torch.promote_types(scores.dtype, torch.float32)
     probs = PolicySoftmax.apply(scores.to(compute), policy.to(compute), eps)
     return probs.to(scores.dtype)
+
+
+CHUNK_BYTES = 1 << 21
+
+
+def chunk_size(q: Tensor) -> int:
+    """Images per chunk of :class:`MaskedAttention`: about 2 MiB of [b, H, N, N] scores."""
+    _, heads, n, _ = q.shape
+    return max(1, CHUNK_BYTES // (heads * n * n * q.element_size()))
+
+
+def transposed_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a^T @ b`` over the last two dims of [..., N, M] tensors as one batched GEMM that reads the
+    transpose in place (a 4-D ``matmul`` of a transposed operand copies it first)."""
+    lead = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]).transpose(1, 2), b.reshape(-1, *b.shape[-2:]))
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+class MaskedAttention(torch.autograd.Function):
+    """``softmax_with_policy(q @ k^T) @ v`` (q already scaled) a few images at a time, recomputed
+    in backward.
+
+    The same arithmetic as the unfused path, but no [B, H, N, N] tensor is kept for backward and
+    each chunk's [b, H, N, N] stays in cache. A DynamicViT training step on ``vit_cmnist`` (batch
+    64, 2 CPU threads) took 1.14 s with autograd through the masked softmax, 1.02 s with
+    :class:`PolicySoftmax` and 0.81 s with this (the whole batch as one chunk: 1.03 s). The
+    gradients equal autograd's of the unfused path (``tests/test_learned.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, eps: float) -> Tensor:
+        out = v.new_empty(*q.shape[:-1], v.shape[-1])
+        step = chunk_size(q)
+        for b in range(0, q.shape[0], step):
+            rows = slice(b, b + step)
+            scores = q[rows] @ k[rows].transpose(-2, -1)
+            probs = masked_softmax_parts(scores, policy[rows], eps, locate_peaks=False)[3]
+            out[rows] = probs @ v[rows]
+        ctx.save_for_backward(q, k, v, policy)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, policy = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_policy = torch.empty_like(policy) if ctx.needs_input_grad[3] else None
+        step = chunk_size(q)
+        for b in range(0, q.shape[0], step):
+            rows = slice(b, b + step)
+            parts = masked_softmax_parts(q[rows] @ k[rows].transpose(-2, -1), policy[rows], ctx.eps)
+            grad_v[rows] = transposed_matmul(parts[3], grad_out[rows])
+            grad_probs = grad_out[rows] @ v[rows].transpose(-2, -1)
+            grad_scores, grad_keys = masked_softmax_backward(grad_probs, parts, grad_policy is not None)
+            grad_q[rows] = grad_scores @ k[rows]
+            grad_k[rows] = transposed_matmul(grad_scores, q[rows])
+            if grad_policy is not None:
+                grad_policy[rows] = grad_keys
+        return grad_q, grad_k, grad_v, grad_policy, None
+
+
+def chunked_masked_attention(q: Tensor, needs: AttentionNeeds, dropout: float, bias: Tensor | None) -> bool:
+    """Whether masked training can run :class:`MaskedAttention`: nobody reads the probabilities,
+    no dropout or bias, fp32/fp64 outside autocast (mixed precision keeps the official path:
+    scores in half precision, the masked softmax in fp32)."""
+    plain = not (needs.probs or needs.cls_probs or dropout or bias is not None)
+    autocast = torch.is_autocast_enabled(q.device.type)
+    return plain and q.dtype in (torch.float32, torch.float64) and not autocast
 
 
 def attend(
@@ -88,7 +170,9 @@ def attend(
     q, k = attn.q_norm(q), attn.k_norm(k)
     probs = cls_probs = None
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if needs.probs or policy is not None or not attn.fused_attn:
+    if policy is not None and chunked_masked_attention(q, needs, dropout, bias):
+        out = MaskedAttention.apply(q * attn.scale, k, v, policy.to(q.dtype), 1e-6)
+    elif needs.probs or policy is not None or not attn.fused_attn:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             scores = scores + bias
