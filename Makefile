@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo study report
+	slurm-submit slurm-status test-slurm demo study study-meanpool report
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -147,3 +147,12 @@ study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offlin
 	$(PYTHON) run.py -m +sweep=cmnist_study_multi
 	$(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 $(STUDY_MAPS)
 	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)
+
+# The study's mean-pooled column (vit_cmnist_meanpool, no CLS token, as the paper's ViT/16): its
+# baseline, TNT, Random, Zero-TP and DynamicViT x K = 0.7, 0.5, 0.3, 0.2 with two seeds, and its
+# report in reports/cmnist_study_meanpool (under TNT_ROOT if set).
+STUDY_MEANPOOL = model=vit_cmnist_meanpool data=cluttered_mnist measure=quick sweep_name=cmnist_study_meanpool skip_recorded=true
+study-meanpool: ## The embedded study's mean-pooled backbone (the paper's ViT/16 column), offline
+	$(PYTHON) run.py $(STUDY_MEANPOOL)
+	$(PYTHON) run.py -m +sweep=cmnist_study_meanpool
+	$(PYTHON) -m tnt_lightning.report --model vit_cmnist_meanpool --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study_meanpool $(REPORT_ARGS)
