@@ -107,9 +107,10 @@ class MaskedAttention(torch.autograd.Function):
 
     The same arithmetic as the unfused path, but no [B, H, N, N] tensor is kept for backward and
     each chunk's [b, H, N, N] stays in cache. A DynamicViT training step on ``vit_cmnist`` (batch
-    64, 2 CPU threads) took 1.14 s with autograd through the masked softmax, 1.02 s with
-    :class:`PolicySoftmax` and 0.81 s with this (the whole batch as one chunk: 1.03 s). The
-    gradients equal autograd's of the unfused path (``tests/test_learned.py``).
+    64, 2 CPU threads, each in a process of its own) took 1.14 s with autograd through the masked
+    softmax, 1.02 s with :class:`PolicySoftmax` and 0.81 s with this (the whole batch as one chunk:
+    1.03 s); ``scripts/time_masked_training.py`` times them in one process. The gradients equal
+    autograd's of the unfused path (``tests/test_learned.py``).
     """
 
     @staticmethod
