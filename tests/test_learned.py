@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from timm.layers import Attention
 
 from conftest import compose_config, run_py, tiny_vit
-from tnt_lightning.engine import ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.engine import AttentionNeeds, ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.engine import attention as engine_attention
 from tnt_lightning.engine.attention import attend, softmax_with_policy
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
@@ -284,11 +286,6 @@ def test_masked_softmax_gradients_equal_autograd_of_the_official_formula():
 def test_chunked_masked_attention_equals_the_unfused_path_and_its_gradients(monkeypatch):
     """Masked training runs MaskedAttention a few images at a time; asking for the probabilities
     forces the unfused path (scores, masked softmax, @ v) on the same layer and input."""
-    from timm.layers import Attention
-
-    from tnt_lightning.engine import AttentionNeeds
-    from tnt_lightning.engine import attention as engine_attention
-
     torch.manual_seed(0)
     layer = Attention(dim=8, num_heads=2, qkv_bias=True).double()
     x = torch.randn(5, 6, 8, dtype=torch.float64, requires_grad=True)

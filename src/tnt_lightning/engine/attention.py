@@ -1,8 +1,8 @@
 """timm's attention, run so that it can also return what a method needs.
 
 Only layers whose method needs the full attention probabilities (or masked training, which runs
-:class:`MaskedAttention`) leave the fused kernel; keys alone and additive biases (proportional attention) keep
-``scaled_dot_product_attention``. A method that reads only the CLS query's row of the
+:class:`MaskedAttention`) leave the fused kernel; keys alone and additive biases (proportional
+attention) keep ``scaled_dot_product_attention``. A method that reads only the CLS query's row of the
 probabilities (``AttentionNeeds.cls_probs``: Top-K, EViT, eTPS, ATS) gets that row computed
 explicitly and the other queries' attention fused, which is the same arithmetic.
 The arithmetic follows timm's ``Attention.forward`` (q is scaled before ``q @ k^T``), so an
