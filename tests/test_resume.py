@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import ROOT, compose_config, run_py
+from tnt_lightning.config import ConfigError
 from tnt_lightning.lit import LastCheckpoint
 from tnt_lightning.models import create_model, pretrained_path
 from tnt_lightning.results import read_records
@@ -232,3 +233,31 @@ def test_a_write_killed_midway_leaves_the_previous_last_ckpt_in_use(tmp_path):
     (tmp_path / ".last.ckpt.partial").write_bytes(b"PK\x03\x04half of epoch 3")
     assert LastCheckpoint(tmp_path).resume_point() == {"epochs_done": 2, "global_step": 8}
     assert not (tmp_path / ".last.ckpt.partial").exists()
+
+
+def test_a_recipe_of_a_fraction_of_an_epoch_trains_that_fraction_of_the_batches(tmp_path, monkeypatch):
+    """``epochs: 0.5`` (the embedded study's DynamicViT and dTPS) is half of one epoch's steps, also
+    under a ``trainer.limit_train_batches`` count; a fraction above 1 is refused before training."""
+    args = [a.replace("train_per_class=30", "train_per_class=60") for a in TRAIN_ARGS[1:]]
+    args += ["data.train_overrides.batch_size=32", "++data.train_overrides.schedule=step"]
+    steps = {}
+    budgets = {
+        "whole": ["data.train_overrides.epochs=1"],
+        "half": ["data.train_overrides.epochs=0.5"],
+        "half of 4": ["data.train_overrides.epochs=0.5", "+trainer.limit_train_batches=4"],
+    }
+    for name, extra in budgets.items():
+        cfg = compose_config([*args, *extra], tmp_path)
+        counter = StepCounter()
+        add_callback(monkeypatch, train, counter)
+        _, metrics = train.fit(cfg, instantiate(cfg.model), tmp_path / name, False)
+        steps[name] = counter.steps
+    assert steps["whole"] >= 4
+    assert steps["half"] == steps["whole"] // 2
+    assert steps["half of 4"] == 2
+    assert metrics["epochs"] == 0.5
+    cfg = compose_config([*args, "data.train_overrides.epochs=1.5"], tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"method.train.epochs=1.5 is not allowed: an integer >= 1, or a fraction"
+    ):
+        train.fit(cfg, instantiate(cfg.model), tmp_path / "bad", False)

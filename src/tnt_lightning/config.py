@@ -176,9 +176,26 @@ def _validate_devices(cfg: DictConfig) -> None:
         _check(index < count, key, value, f"a device this machine has ({count} CUDA device(s); use 'cpu')")
 
 
+def epoch_budget(rec: DictConfig) -> tuple[int, float]:
+    """``(max_epochs, fraction of each epoch's batches)`` of a recipe, whose ``epochs`` is a whole
+    number of epochs or a fraction of one epoch (the embedded study's DynamicViT and dTPS: 0.5)."""
+    epochs = rec.epochs
+    if isinstance(epochs, float) and epochs.is_integer():
+        epochs = int(epochs)
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+        return epochs, 1.0
+    if isinstance(epochs, float) and 0.0 < epochs < 1.0:
+        return 1, epochs
+    raise ConfigError(
+        f"method.train.epochs={epochs!r} is not allowed: an integer >= 1, "
+        f"or a fraction of one epoch in (0, 1)"
+    )
+
+
 def _validate_recipe(cfg: DictConfig) -> None:
-    for key in ("method.train.epochs", "method.train.batch_size"):
-        _positive_int(cfg, key)
+    if OmegaConf.select(cfg, "method.train.epochs") is not None:
+        epoch_budget(cfg.method.train)
+    _positive_int(cfg, "method.train.batch_size")
     _positive_int(cfg, "method.train.warmup_epochs", minimum=0)
     _number(cfg, "method.train.base_lr", 0.0, low_open=True)
 

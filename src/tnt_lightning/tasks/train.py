@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .. import slurm
-from ..config import ConfigError, UserError
+from ..config import ConfigError, UserError, epoch_budget
 from ..engine import apply_reducer, backbone_info
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
@@ -95,17 +95,18 @@ def recipe(cfg: DictConfig) -> DictConfig:
 
 
 def check_schedule_reaches_lr(cfg: DictConfig) -> None:
-    """Refuse a recipe whose lr never leaves its warm-up value.
+    """Refuse a recipe whose epochs are not a count or a fraction, or whose lr never leaves its
+    warm-up value.
 
     ``schedule: epoch`` steps the lr once per epoch as DeiT's loop with timm 0.3.2 does
     (:func:`~tnt_lightning.lit.optim.epoch_lr`), where the first two epochs both train at
     ``warmup_lr``: with 1 or 2 epochs (the embedded study's budget) a training would run entirely
     at ``warmup_lr`` (1e-6) and learn nothing."""
     rec = recipe(cfg)
+    epochs, _ = epoch_budget(rec)
     if rec.get("schedule") != "epoch":
         return
     optim = OptimConfig(lr=float(rec.base_lr), warmup_epochs=rec.warmup_epochs, warmup_lr=rec.warmup_lr)
-    epochs = int(rec.epochs)
     if max(epoch_lr(optim, e, epochs) for e in range(epochs)) <= optim.warmup_lr:
         raise ConfigError(
             f"method={cfg.method.name}: method.train.schedule=epoch with epochs={epochs} and "
@@ -180,10 +181,13 @@ def fit(
     datamodule.batch_size = int(rec.batch_size)
     datamodule.check(("fit", "validate"))
     checkpoints = LastCheckpoint(workdir)
+    max_epochs, fraction = epoch_budget(rec)
+    limits = {"limit_train_batches": train_batch_limit(cfg, fraction)} if fraction < 1.0 else {}
     trainer = make_trainer(
         cfg,
         loggers,
-        max_epochs=int(rec.epochs),
+        max_epochs=max_epochs,
+        **limits,
         callbacks=[checkpoints],
         enable_checkpointing=True,
         default_root_dir=str(workdir),
@@ -213,7 +217,7 @@ def fit(
             "resuming %s training from epoch %d of %d (step %d, %s)",
             reducer.name,
             start["epochs_done"],
-            int(rec.epochs),
+            max_epochs,
             start["global_step"],
             checkpoints.path,
         )
@@ -225,11 +229,22 @@ def fit(
         "val_acc1_full": val["val/acc1_full"],
         "lr": lr,
         "total_batch": total_batch,
-        "epochs": int(rec.epochs),
+        "epochs": rec.epochs,
         "resumed_from_epoch": start["epochs_done"] if start is not None else None,
         "resumed_from_step": start["global_step"] if start is not None else None,
     }
     return module, metrics
+
+
+def train_batch_limit(cfg: DictConfig, fraction: float) -> int | float:
+    """Lightning's ``limit_train_batches`` for a recipe of a fraction of an epoch, applied to what
+    ``trainer.limit_train_batches`` already limits (a count or a fraction of the batches)."""
+    given = cfg.trainer.get("limit_train_batches")
+    if given is None:
+        return fraction
+    if isinstance(given, int) and not isinstance(given, bool):
+        return max(1, int(given * fraction))
+    return float(given) * fraction
 
 
 def backbone_lr_scale(rec: DictConfig) -> float:
@@ -283,12 +298,12 @@ def ensure_trained(
                 raise_untrained(cfg, reducer, final)
             post(decision, "train", distributed)
             log.warning(
-                "training %s once on %s (%s), %d epochs, before this run goes on (the progress bar shows "
+                "training %s once on %s (%s), %s epochs, before this run goes on (the progress bar shows "
                 "the time per epoch); it will be cached at %s",
                 reducer.name,
                 spec.name,
                 cfg.data.name,
-                int(recipe(cfg).epochs),
+                recipe(cfg).epochs,
                 final,
             )
             module, metrics = fit(cfg, spec, workdir, loggers)
@@ -469,7 +484,7 @@ def check_can_provide(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     check_schedule_reaches_lr(cfg)
     if spec.weights == "random":
         raise TrainedParametersError(
-            f"method={reducer.name} would first be trained, {int(recipe(cfg).epochs)} epochs, on model="
+            f"method={reducer.name} would first be trained, {recipe(cfg).epochs} epochs, on model="
             f"{spec.name} with random weights (model.weights=random), which gives meaningless heads: give "
             f"the backbone weights (model.checkpoint=PATH), or train on it on purpose with task=train "
             f"(same overrides) first"

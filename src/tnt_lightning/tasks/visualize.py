@@ -91,7 +91,7 @@ def announce_training(cfg: DictConfig, spec: BackboneSpec) -> None:
         return
     from .train import recipe
 
-    epochs = int(recipe(cfg).epochs)
+    epochs = recipe(cfg).epochs
     random_weights = spec.weights == "random" and not spec.checkpoint
     if random_weights and not cfg.visualize.get("allow_random_weights", False):
         raise ConfigError(
