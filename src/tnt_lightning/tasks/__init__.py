@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, Task, check_environment, validate
+from ..memory import keep_freed_memory
 from ..results import ResultsStore, StoreError, config_key
 from .interrupts import interruption_signals, outcome
 from .records import current_attempt, new_run_id, process_rank
@@ -34,6 +35,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any] | None:
     A stopped job (SIGTERM, SIGINT) is recorded as ``interrupted`` and ends the process with
     128 + the signal's number; a failure is recorded and raised.
     """
+    keep_freed_memory()  # a sweep's jobs share this process (memory.py)
     validate(cfg)
     check_environment(cfg)
     store = ResultsStore(cfg.paths.results_dir)
