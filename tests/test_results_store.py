@@ -231,6 +231,41 @@ def test_what_cannot_change_a_result_is_left_out_of_its_key(fixed, changes, tmp_
     assert config_key(container(compose_config([*fixed, "seed=1"], tmp_path))) != base
 
 
+def test_a_data_sets_recipe_overrides_count_only_for_the_method_they_adapt(tmp_path):
+    """Changing dTPS's override (cluttered MNIST's ``train_overrides.dtps``) re-runs dTPS only; a
+    common override re-runs every learned method, never a method that does not train."""
+    study = ["model=vit_cmnist", "data=cluttered_mnist"]
+
+    def key(method: str, *changes: str) -> str:
+        return config_key(container(compose_config([*study, f"method={method}", *changes], tmp_path)))
+
+    dtps_change = "data.train_overrides.dtps.epochs=2"
+    common_change = "data.train_overrides.batch_size=32"
+    for method in ("topk", "none", "tnt", "dynamicvit"):
+        assert key(method, dtps_change) == key(method), method
+    assert key("dtps", dtps_change) != key("dtps")
+    assert key("tnt", common_change) != key("tnt") and key("dtps", common_change) != key("dtps")
+    assert key("topk", common_change) == key("topk")
+
+
+def test_an_index_of_an_older_key_rule_is_rebuilt_and_its_records_still_match(tmp_path, compose_cfg):
+    """A store indexed under key rule v3 (its VERSION file says 3) is re-indexed under the current
+    rule once, so a sweep finds its v3 records instead of running them again."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_cfg("method=topk", "keep_rate=0.3"), resolve=True, enum_to_str=True)
+    old = {"run_id": "v3", "task": "eval", "status": "ok", "config_key": "0123456789abcdef",
+           "config_key_version": 3, "config": cfg}  # fmt: skip
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    index = tmp_path / "index"
+    (index / "01").mkdir(parents=True)
+    (index / "01" / "eval-0123456789abcdef.json").write_text(json.dumps(old))
+    (index / "VERSION").write_text("3\n")
+    store = ResultsStore(tmp_path)
+    assert store.recorded("eval", config_key(cfg))["run_id"] == "v3"
+    assert (index / "VERSION").read_text().strip() == str(CONFIG_KEY_VERSION)
+
+
 def test_training_tasks_keep_the_number_of_training_processes_in_the_key(tmp_path):
     one = compose_config(["task=train", "method=tnt"], tmp_path)
     four = compose_config(["task=train", "method=tnt", "trainer=ddp", "trainer.devices=4"], tmp_path)

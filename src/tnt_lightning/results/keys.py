@@ -16,6 +16,9 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
 * left out where they cannot matter (since v3): the keep rate and schedule of an unpruned run
   (``method=none``), and the method, keep rate and schedule of ``task=pretrain`` (which trains
   the backbone alone), so a sweep over methods and keep rates evaluates the unpruned model once;
+* a data set's training-recipe overrides (``data.train_overrides``) count only for the method they
+  adapt (since v4): their common keys and the run's method's own mapping, for a method that
+  trains; so changing dTPS's override leaves every other method's records current;
 * everything else is in: model, method, schedule, keep rate, seed, data set name and split,
   measure protocol, task.
 """
@@ -27,7 +30,7 @@ import hashlib
 import json
 from typing import Any
 
-CONFIG_KEY_VERSION = 3
+CONFIG_KEY_VERSION = 4
 
 TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
 DATA_HOW = ("root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
@@ -79,6 +82,20 @@ def _world_size(trainer: dict[str, Any]) -> int | str:
     return count * nodes if isinstance(count, int) else f"{count}x{nodes}"
 
 
+def _keep_own_train_overrides(kept: dict[str, Any]) -> None:
+    """``data.train_overrides`` reduced to what the run's method reads (the v4 rule above)."""
+    data = kept["data"]
+    overrides = data.pop("train_overrides", None)
+    method = kept.get("method") if isinstance(kept.get("method"), dict) else {}
+    if not isinstance(overrides, dict) or "train" not in method:
+        return
+    own = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
+    if isinstance(overrides.get(method.get("name")), dict):
+        own[method["name"]] = overrides[method["name"]]
+    if own:
+        data["train_overrides"] = own
+
+
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that determines a run's result (the rule above)."""
     kept = {k: copy.deepcopy(v) for k, v in config.items() if k not in TOP_LEVEL_HOW}
@@ -89,6 +106,7 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         kept.pop("visualize", None)
     if isinstance(kept.get("data"), dict):
         kept["data"] = {k: v for k, v in kept["data"].items() if k not in DATA_HOW}
+        _keep_own_train_overrides(kept)
     if isinstance(kept.get("trainer"), dict):
         trainer = kept["trainer"]
         kept["trainer"] = {k: trainer[k] for k in TRAINER_OUTCOME if k in trainer}

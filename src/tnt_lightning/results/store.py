@@ -186,17 +186,22 @@ class ResultsStore:
         return self.index_dir / key[:2] / f"{task}-{key}.json"
 
     def _ensure_index(self) -> None:
-        """Build the index from results.jsonl once (stores written before the index existed)."""
+        """Build the index from results.jsonl once: for a store written before the index existed, or
+        indexed under an older key rule (its records are re-keyed, see :func:`record_identity`)."""
         marker = self.index_dir / INDEX_VERSION_FILE
-        if marker.exists():
+        if self._index_current(marker):
             return
         if not self.path.exists():
             self.index_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(marker, f"{CONFIG_KEY_VERSION}\n")
             return
         with self.locked():
-            if not marker.exists():
+            if not self._index_current(marker):
                 self.rebuild_index()
+
+    @staticmethod
+    def _index_current(marker: Path) -> bool:
+        return marker.exists() and marker.read_text().strip() == str(CONFIG_KEY_VERSION)
 
     def rebuild_index(self) -> int:
         """Rebuild ``index/`` from results.jsonl (call under the lock); returns the records indexed."""
