@@ -134,10 +134,10 @@ demo: ## The embedded default end to end, offline: baseline, all-methods sweep, 
 	$(PYTHON) -m tnt_lightning.report --sweep mnist_all $(REPORT_ARGS)
 
 # The embedded study in the paper's token regime (vit_cmnist on cluttered MNIST, 196 tokens):
-# baseline, every method x K = 0.7, 0.5, 0.3, 0.2 single-layer with two seeds, ToMe at K = 0.7 and
-# 0.5 (it merges at most half of the tokens in one layer), the multi-layer defaults, token maps of
-# Top-K, TNT and DynamicViT at K = 0.3, and the report of every cluttered_mnist run in
-# reports/cmnist_study (under TNT_ROOT if set). Every step must succeed.
+# one backbone per seed (two), every method x K = 0.7, 0.5, 0.3, 0.2 single-layer with both seeds,
+# ToMe at K = 0.7 and 0.5 (it merges at most half of the tokens in one layer), the multi-layer
+# defaults, token maps of Random, Top-K, TNT and DynamicViT at K = 0.3 for both seeds, and the report
+# of every cluttered_mnist run in reports/cmnist_study (under TNT_ROOT if set). Every step must succeed.
 STUDY = model=vit_cmnist data=cluttered_mnist measure=quick sweep_name=cmnist_study skip_recorded=true 'model.pretrain.seed=$${seed}'
 STUDY_MAPS = $(STUDY) 'visualize.out_dir=$${paths.root_dir}/reports/token_maps_cmnist'
 study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offline: sweep, token maps, report
@@ -145,12 +145,12 @@ study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offlin
 	$(PYTHON) run.py -m +sweep=cmnist_study
 	$(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5 seed=0,1
 	$(PYTHON) run.py -m +sweep=cmnist_study_multi
-	$(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 $(STUDY_MAPS)
+	$(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 seed=0,1 $(STUDY_MAPS)
 	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)
 
 # The study's mean-pooled column (vit_cmnist_meanpool, no CLS token, as the paper's ViT/16): its
-# baseline, TNT, Random, Zero-TP and DynamicViT x K = 0.7, 0.5, 0.3, 0.2 with two seeds, and its
-# report in reports/cmnist_study_meanpool (under TNT_ROOT if set).
+# backbones (one per seed), TNT, Random, Zero-TP and DynamicViT x K = 0.7, 0.5, 0.3, 0.2 with two
+# seeds, and its report in reports/cmnist_study_meanpool (under TNT_ROOT if set).
 STUDY_MEANPOOL = model=vit_cmnist_meanpool data=cluttered_mnist measure=quick sweep_name=cmnist_study_meanpool skip_recorded=true 'model.pretrain.seed=$${seed}'
 study-meanpool: ## The embedded study's mean-pooled backbone (the paper's ViT/16 column), offline
 	$(PYTHON) run.py -m $(STUDY_MEANPOOL) seed=0,1

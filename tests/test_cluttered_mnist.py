@@ -14,6 +14,7 @@ from tnt_lightning.data import ClutteredMNISTDataModule
 from tnt_lightning.data.cluttered_mnist import CANVAS, DIGIT, build_split
 from tnt_lightning.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist_digits, stratified_split
 from tnt_lightning.models import create_model
+from tnt_lightning.models.provider import pretrain_key
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,13 @@ def test_study_backbones_compose_with_the_paper_defaults(model):
     assert spec.input_size == (1, CANVAS, CANVAS) and spec.arch["depth"] == 12
     assert spec.pruning.pre_similarity_tokens == 40
     assert spec.pretrain["data"]["_target_"] == cfg.data._target_
+
+
+@pytest.mark.parametrize("sweep", ["cmnist_study", "cmnist_study_multi", "cmnist_study_meanpool"])
+def test_study_sweeps_pretrain_one_backbone_per_seed_on_the_same_canvases(sweep):
+    """Seed s runs on the backbone pretrained from seed s (the spread over seeds includes the
+    backbone's), while every seed sees the same canvases."""
+    specs = [instantiate(_compose(f"+sweep={sweep}", f"seed={seed}").model) for seed in (0, 1)]
+    assert [spec.pretrain["seed"] for spec in specs] == [0, 1]
+    assert pretrain_key(specs[0]) != pretrain_key(specs[1])
+    assert specs[0].pretrain["data"] == specs[1].pretrain["data"]

@@ -166,7 +166,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
 
         schedule = recorder.fields["schedule"]
         title = describe(cfg, schedule) + weights_label(str(recorder.details.get("weights", "")))
-        name = f"{spec.name}_{cfg.method.name}_{schedule['name']}_K{cfg.keep_rate}.png"
+        name = f"{spec.name}_{cfg.method.name}_{schedule['name']}_K{cfg.keep_rate}_seed{cfg.seed}.png"
         path = draw_token_maps(
             to_rgb(images, mean, std),
             steps,
