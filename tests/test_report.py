@@ -214,6 +214,19 @@ def test_runs_differing_in_more_than_the_seed_are_kept_apart_and_told_apart(tmp_
     assert "| method.fuse_token=false |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_runs_on_backbones_pretrained_from_their_own_seed_average_as_seeds(tmp_path):
+    """The embedded study's seed s runs on the backbone pretrained from seed s: one setting."""
+    for seed, acc in ((0, 80.0), (1, 90.0)):
+        rec = record("topk", 0.3, seed=seed, metrics=m(acc, 2.7461))
+        rec["config"]["model"]["pretrain"] = {"seed": seed, "epochs": 2}
+        append_record(tmp_path / "results", rec)
+    other = record("topk", 0.3, seed=2, metrics=m(50.0, 2.7461))
+    other["config"]["model"]["pretrain"] = {"seed": 2, "epochs": 1}  # another recipe: another setting
+    append_record(tmp_path / "results", other)
+    (group,) = build_report(tmp_path / "results", tmp_path / "out").groups
+    assert sorted((row.n, row.mean("acc1")) for row in group.rows) == [(1, 50.0), (2, 85.0)]
+
+
 def test_gflops_compare_on_any_data_accuracy_only_on_imagenet(report):
     (row,) = read_csv(report.out_dir / f"{DEIT_S}_synthetic_single.csv").values()
     assert row["paper_acc1"] == "" and row["diff_acc1"] == "" and row["acc1"] == ""

@@ -82,7 +82,8 @@ def render_markdown(
         f"From `{source}` (filters: {describe_filters(*filters)}), {now}: {runs} pruned run(s) in "
         f"{len(groups)} table(s), {len(failed)} run(s) without a result.",
         "",
-        "Mean ± sample std over the runs of a setting that differ only in their seed (n runs). "
+        "Mean ± sample std over the runs of a setting that differ only in their seeds (the run's, and a "
+        "framework-pretrained backbone's; n runs). "
         "Paper: the paper's table (T9 = Table 9) printing the same setting; Δ = ours - paper. The "
         "paper's throughput is from its GPU, shown for reference only. Speedup: over the unpruned "
         "backbone timed in the same process, interleaved (README, Speed); / GFLOPs ratio: that speedup "

@@ -154,11 +154,16 @@ def paper_method(record: dict[str, Any]) -> str:
 
 
 def _config_but_seed(record: dict[str, Any]) -> dict[str, Any]:
-    """What determines the record's result (paths, loggers, run folders left out), minus the seeds."""
+    """What determines the record's result (paths, loggers, run folders left out), minus the seeds:
+    the run's, the method's and a framework-pretrained backbone's (``model.pretrain.seed``; the
+    embedded study pretrains one backbone per seed, and its seeds are one setting)."""
     config = comparable_config(record.get("config") or {})
     config.pop("seed", None)
     if isinstance(config.get("method"), dict):
         config["method"] = {k: v for k, v in config["method"].items() if k != "seed"}
+    model = config.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrain"), dict):
+        config["model"] = {**model, "pretrain": {k: v for k, v in model["pretrain"].items() if k != "seed"}}
     return config
 
 
