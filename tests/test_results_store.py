@@ -239,7 +239,7 @@ def test_a_data_sets_recipe_overrides_count_only_for_the_method_they_adapt(tmp_p
     def key(method: str, *changes: str) -> str:
         return config_key(container(compose_config([*study, f"method={method}", *changes], tmp_path)))
 
-    dtps_change = "data.train_overrides.dtps.epochs=2"
+    dtps_change = "data.train_overrides.dtps.base_lr=1e-2"
     common_change = "data.train_overrides.batch_size=32"
     for method in ("topk", "none", "tnt", "dynamicvit"):
         assert key(method, dtps_change) == key(method), method
