@@ -220,7 +220,7 @@ def test_what_changes_a_result_changes_its_key(change, tmp_path):
     ("fixed", "changes"),
     [
         (["method=none"], ["keep_rate=0.3", "schedule=multi"]),
-        (["task=pretrain"], ["keep_rate=0.3", "method=topk", "schedule=multi"]),
+        (["task=pretrain"], ["keep_rate=0.3", "method=topk", "method=tnt", "schedule=multi"]),
     ],
 )
 def test_what_cannot_change_a_result_is_left_out_of_its_key(fixed, changes, tmp_path):

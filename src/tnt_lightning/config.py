@@ -178,7 +178,7 @@ def _validate_devices(cfg: DictConfig) -> None:
 
 def epoch_budget(rec: DictConfig) -> tuple[int, float]:
     """``(max_epochs, fraction of each epoch's batches)`` of a recipe, whose ``epochs`` is a whole
-    number of epochs or a fraction of one epoch (the embedded study's DynamicViT and dTPS: 0.5)."""
+    number of epochs or a fraction of one epoch (the embedded study's DynamicViT: 0.5)."""
     epochs = rec.epochs
     if isinstance(epochs, float) and epochs.is_integer():
         epochs = int(epochs)

@@ -18,7 +18,8 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
   the backbone alone), so a sweep over methods and keep rates evaluates the unpruned model once;
 * a data set's training-recipe overrides (``data.train_overrides``) count only for the method they
   adapt (since v4): their common keys and the run's method's own mapping, for a method that
-  trains; so changing dTPS's override leaves every other method's records current;
+  trains (never for ``task=pretrain``); so changing dTPS's override leaves every other method's
+  records current;
 * everything else is in: model, method, schedule, keep rate, seed, data set name and split,
   measure protocol, task.
 """
@@ -87,7 +88,7 @@ def _keep_own_train_overrides(kept: dict[str, Any]) -> None:
     data = kept["data"]
     overrides = data.pop("train_overrides", None)
     method = kept.get("method") if isinstance(kept.get("method"), dict) else {}
-    if not isinstance(overrides, dict) or "train" not in method:
+    if not isinstance(overrides, dict) or "train" not in method or kept.get("task") == "pretrain":
         return
     own = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
     if isinstance(overrides.get(method.get("name")), dict):
