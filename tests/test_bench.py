@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from tnt_lightning import bench
@@ -27,10 +28,24 @@ def test_bench_writes_the_table_json_and_plot_for_every_method_and_schedule(tmp_
         assert len(r["pairs"]) == 2
         assert r["gflops_ratio"] == pytest.approx(r["base_gflops"] / r["gflops"]) and r["gflops_ratio"] > 1.2
         assert r["speedup_over_flops_limit"] == pytest.approx(r["speedup"] / r["gflops_ratio"])
+    # the plain model on its first 36, 24, 17 of 49 patches: fewer tokens, a higher GFLOPs ratio
+    assert [r["method"] for r in data["ceiling"]] == [f"first {n} patches" for n in (36, 24, 17)]
+    ratios = [r["gflops_ratio"] for r in data["ceiling"]]
+    assert 1.2 < ratios[0] < ratios[1] < ratios[2] and all(len(r["pairs"]) == 2 for r in data["ceiling"])
     assert data["protocol"]["threads"] >= 1 and data["protocol"]["load_average_before"]
+    assert data["protocol"]["malloc_kept"] is True
     assert "| topk | single |" in (out / "bench.md").read_text()
+    assert "| first 24 patches | every block |" in (out / "bench.md").read_text()
     with Image.open(out / "speedup_vs_gflops.png") as image:
         assert image.format == "PNG"
+
+
+def test_first_tokens_runs_every_block_on_the_prefix_and_first_patches():
+    model = bench.first_tokens(bench.build(["model=vit_mnist", "data=synthetic"])[0], 10)
+    seen = []
+    model.blocks[-1].register_forward_hook(lambda _m, _i, x: seen.append(x.shape[1]))
+    model(torch.randn(2, 1, 28, 28))
+    assert seen == [11]  # CLS and 10 of the 49 patches
 
 
 def test_bench_refuses_an_unknown_method():

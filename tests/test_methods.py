@@ -141,6 +141,15 @@ def test_weighted_pagerank_in_cache_sized_chunks_equals_the_whole_batch(monkeypa
     assert torch.allclose(whole, single, atol=1e-7)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_weighted_pagerank_iterates_half_precision_maps_in_float32_under_autocast(half):
+    probs = torch.randn(5, 3, 20, 20).softmax(dim=-1).to(half)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = weighted_pagerank(probs, 30)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, weighted_pagerank(probs.float(), 30))
+
+
 def test_zerotp_aggregates_heads_by_root_mean_square():
     probs = torch.stack([torch.eye(3), torch.full((3, 3), 1 / 3)])[None]  # two heads
     rms = ZeroTP([0], [0.5], [1], [0]).importance(probs, 1)

@@ -5,8 +5,11 @@ measures GFLOPs, throughput and the speedup over the unpruned model timed in the
 interleaved (base, method, base, method, ...; the median of the per-pair ratios, as in every eval
 record: ``measure/speedup.py``), and divides the speedup by the GFLOPs ratio (1.0: the whole FLOP
 saving shows up as speed). Learned methods run with untrained parameters: their speed does not
-depend on the values of their weights. Writes ``bench.md``, ``bench.json`` and
-``speedup_vs_gflops.png`` to ``--out``, and prints the machine, the protocol and the table.
+depend on the values of their weights. The same protocol then times the plain model on its first
+n patches in every block (``--no-ceiling`` skips it): what this machine's kernels give for that
+many tokens with no selection work at all, against which a method's ratio is to be read.
+Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to ``--out``, and prints the
+machine, the protocol and the table.
 
     python -m tnt_lightning.bench --model deit_small_distilled --keep-rate 0.5
 """
@@ -30,6 +33,7 @@ from .config import MEASURE_DTYPES, register_configs
 from .engine import ReductionError, apply_reducer, backbone_info
 from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
 from .measure.throughput import device_name
+from .memory import keep_freed_memory
 from .methods import build_reducer
 from .models import create_model, drop_distillation_token
 
@@ -51,6 +55,9 @@ COLUMNS = [
     "speedup",
     "speedup / ratio",
 ]
+# Fractions of the patches a plain model keeps in every block (the ceiling rows): the speed the
+# machine's kernels give for that many tokens with no selection work (README, "Speed").
+CEILING_KEEP = (0.75, 0.5, 0.35)
 # One graph: the whole forward compiled; each graph break adds one (and runs eager between them).
 COMPILE_COLUMNS = ["compile s", "graphs"]
 
@@ -76,6 +83,15 @@ def build(overrides: list[str]) -> tuple[torch.nn.Module, Any]:
     return model.eval(), spec
 
 
+def first_tokens(model: torch.nn.Module, patches: int) -> torch.nn.Module:
+    """``model`` running every block on its prefix tokens and first ``patches`` patches: a slice
+    after the position embedding, with no selection work, so its speedup over the whole model is
+    what running ``patches`` tokens alone gives on this machine."""
+    keep = backbone_info(model).num_prefix + patches
+    model.norm_pre.register_forward_hook(lambda _module, _inputs, x: x[:, :keep])
+    return model
+
+
 def _first_sentence(error: Exception) -> str:
     return str(error).split(": ", 1)[-1].split(". ")[0]
 
@@ -85,14 +101,22 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Speedup against the GFLOPs ratio, one marker per method and schedule, with y = x."""
+def plot(rows: list[dict[str, Any]], path: Path, title: str, ceiling: list[dict[str, Any]] = ()) -> Path:
+    """Speedup against the GFLOPs ratio, one marker per method and schedule, with y = x and the
+    plain model on fewer tokens (``ceiling``) as a line."""
     fig = Figure(figsize=(7, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    top = max([r["gflops_ratio"] for r in rows] + [r["speedup"] for r in rows]) * 1.05
+    points = [*rows, *ceiling]
+    top = max([r["gflops_ratio"] for r in points] + [r["speedup"] for r in points]) * 1.05
     ax.plot([1, top], [1, top], color="black", lw=1, label="speedup = GFLOPs ratio")
     ax.plot([1, top], [1, 0.95 * top], color="grey", lw=1, ls="--", label="0.95 x GFLOPs ratio")
+    if ceiling:
+        ax.plot(
+            [1] + [r["gflops_ratio"] for r in ceiling],
+            [1] + [r["speedup"] for r in ceiling],
+            color="tab:red", marker="x", lw=1, label="plain model, fewer tokens in every block",
+        )  # fmt: skip
     for schedule, marker in (("single", "o"), ("multi", "s")):
         pts = [r for r in rows if r["schedule"] == schedule]
         ax.scatter(
@@ -160,6 +184,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every model (compile time apart)"
     )
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the plain model on fewer tokens (the speed the kernels allow at those token counts)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args(argv)
@@ -175,6 +205,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; returns its rows (also written to ``--out``)."""
     args = parse(argv)
     register_configs()
+    # As in every job (run_task): without it the base model's larger activations are faulted in
+    # again on every pass, and a bf16 run timed the unpruned model at half its speed (memory.py)
+    malloc_kept = keep_freed_memory()
     device = torch.device(args.device)
     common = [f"model={args.model}", f"keep_rate={args.keep_rate}", "data=synthetic"]
     runs = [
@@ -202,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_average_before": load_average(),
+        "malloc_kept": malloc_kept,
     }
     print(
         f"{args.model}, keep_rate={args.keep_rate}, batch {args.batch_size}, {args.dtype}"
@@ -213,18 +247,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     header = columns(args.compile)
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
-    rows: list[dict[str, Any]] = []
-    refused: list[dict[str, Any]] = []
-    for name, schedule, overrides in runs:
-        try:
-            model, _ = build(common + overrides)
-        except ReductionError as e:  # e.g. single-layer ToMe merging more than half of few patches
-            refused.append({"method": name, "schedule": schedule, "error": str(e)})
-            print(f"| {name} | {schedule} | refused: {_first_sentence(e)} |", flush=True)
-            continue
+    inputs = torch.randn(args.batch_size, *spec.input_size, device=device)
+
+    def timed_row(name: str, schedule: str, model: torch.nn.Module) -> dict[str, Any]:
         gflops = count_gflops(model, spec.input_size)
         timed = TimedModel(model, device, args.dtype, args.compile)
-        inputs = torch.randn(args.batch_size, *spec.input_size, device=device)
         timed.warm_up(inputs, args.warmup)
         sp = same_process_speedup(
             timed, base, spec.input_size, args.batch_size, args.iters, args.pairs, args.warmup
@@ -242,8 +269,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "graphs": timed.graphs,
             "graph_breaks": timed.graph_breaks,
         }
-        rows.append(row)
         print(markdown([row], args.compile).splitlines()[-1], flush=True)
+        return row
+
+    rows: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    for name, schedule, overrides in runs:
+        try:
+            model, _ = build(common + overrides)
+        except ReductionError as e:  # e.g. single-layer ToMe merging more than half of few patches
+            refused.append({"method": name, "schedule": schedule, "error": str(e)})
+            print(f"| {name} | {schedule} | refused: {_first_sentence(e)} |", flush=True)
+            continue
+        rows.append(timed_row(name, schedule, model))
+    ceiling: list[dict[str, Any]] = []
+    if args.ceiling:
+        patches = backbone_info(base.model).num_patches
+        print("plain model on its first n patches in every block (no selection work):", flush=True)
+        for keep in CEILING_KEEP:
+            n = int(patches * keep)
+            ceiling.append(timed_row(f"first {n} patches", "every block", first_tokens(build(common)[0], n)))
     protocol["load_average_after"] = load_average()
     print(f"load average after: {protocol['load_average_after']}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,12 +296,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{args.model}, K={args.keep_rate}, batch {args.batch_size}, {args.dtype}, {protocol['device']}, "
         f"{protocol['threads']} threads"
     )
-    (args.out / "bench.json").write_text(
-        json.dumps({"protocol": protocol, "rows": rows, "refused": refused}, indent=1) + "\n"
-    )
+    report = {"protocol": protocol, "rows": rows, "ceiling": ceiling, "refused": refused}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    ceiling_table = f"\nplain model, first n patches in every block:\n\n{markdown(ceiling, args.compile)}\n"
     (args.out / "bench.md").write_text(
         f"{title}; load average {protocol['load_average_before']} before, "
         f"{protocol['load_average_after']} after\n\n{markdown(rows, args.compile)}\n"
+        + (ceiling_table if ceiling else "")
         + "".join(f"\nrefused: {r['method']} {r['schedule']}: {r['error']}\n" for r in refused)
         + "".join(
             f"\ngraph breaks: {r['method']} {r['schedule']}: {'; '.join(r['graph_breaks'])}\n"
@@ -264,7 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if r["graph_breaks"]
         )
     )
-    plot(rows, args.out / "speedup_vs_gflops.png", title)
+    plot(rows, args.out / "speedup_vs_gflops.png", title, ceiling)
     print(f"bench: {args.out / 'bench.md'}, {args.out / 'bench.json'}, {args.out / 'speedup_vs_gflops.png'}")
     return rows
 
