@@ -51,3 +51,18 @@ def test_first_tokens_runs_every_block_on_the_prefix_and_first_patches():
 def test_bench_refuses_an_unknown_method():
     with pytest.raises(SystemExit):
         bench.main(["--methods", "topk,fastest"])
+
+
+def test_bench_set_changes_every_method_but_not_the_base(tmp_path):
+    args = ["--model", "vit_mnist", "--methods", "topk", "--schedules", "single", "--no-ceiling"]
+    args += ["--pairs", "1", "--out", str(tmp_path)]
+    default, lower = bench.main(args)[0], bench.main([*args, "--set", "keep_rate=0.3"])[0]
+    assert lower["base_gflops"] == default["base_gflops"]
+    assert lower["gflops"] < default["gflops"]
+    assert json.loads((tmp_path / "bench.json").read_text())["protocol"]["overrides"] == ["keep_rate=0.3"]
+
+
+def test_bench_refuses_a_bad_override_before_timing_anything(capsys):
+    with pytest.raises(SystemExit, match="method.no_such_key"):
+        bench.main(["--model", "vit_mnist", "--methods", "topk", "--set", "method.no_such_key=1"])
+    assert "| method |" not in capsys.readouterr().out

@@ -8,8 +8,10 @@ saving shows up as speed). Learned methods run with untrained parameters: their 
 depend on the values of their weights. The same protocol then times the plain model on its first
 n patches in every block (``--no-ceiling`` skips it): what this machine's kernels give for that
 many tokens with no selection work at all, against which a method's ratio is to be read.
-Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to ``--out``, and prints the
-machine, the protocol and the table.
+``--set`` times a variant: Hydra overrides applied to every method's model, never to the base
+(``--methods zerotp --set 'method.iterations_multi=[1,1,1,1,1]'``: Zero-TP without most of its
+PageRank). Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to ``--out``, and
+prints the machine, the protocol and the table.
 
     python -m tnt_lightning.bench --model deit_small_distilled --keep-rate 0.5
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -81,6 +84,16 @@ def build(overrides: list[str]) -> tuple[torch.nn.Module, Any]:
             drop_distillation_token(model)
         apply_reducer(model, reducer)
     return model.eval(), spec
+
+
+def check_overrides(common: list[str], runs: list[tuple[str, str, list[str]]]) -> None:
+    """Compose every run's config before anything is timed, so that a bad ``--set`` fails at once
+    with Hydra's reason (the key or value it refuses)."""
+    for name, schedule, overrides in runs:
+        try:
+            compose_overrides(common + overrides)
+        except HydraException as e:
+            raise SystemExit(f"bench: {name} {schedule} with {overrides}: {e}") from None
 
 
 def first_tokens(model: torch.nn.Module, patches: int) -> torch.nn.Module:
@@ -190,6 +203,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="skip the plain model on fewer tokens (the speed the kernels allow at those token counts)",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override for every method's model, not the base (repeatable)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args(argv)
@@ -215,6 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for s in args.schedules.split(",")
         for m in args.methods.split(",")
     ]
+    runs = [(m, s, overrides + args.overrides) for m, s, overrides in runs]
+    check_overrides(common, runs)
     spec = instantiate(compose_overrides(common).model)
     key = base_key(args.model, device, args.batch_size, args.dtype, args.compile)
     base, base_gflops = unpruned(
@@ -236,13 +259,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "cpus": os.cpu_count(),
         "load_average_before": load_average(),
         "malloc_kept": malloc_kept,
+        "overrides": args.overrides,
     }
     print(
         f"{args.model}, keep_rate={args.keep_rate}, batch {args.batch_size}, {args.dtype}"
         f"{', compiled' if args.compile else ''}, {protocol['device']} ({device.type}), "
         f"{protocol['threads']} threads of {protocol['cpus']} CPUs, torch {torch.__version__}; per method "
         f"{args.warmup} warm-up passes, then {args.pairs} pairs of {args.iters} timed passes (base, method); "
-        f"load average {protocol['load_average_before']}",
+        f"load average {protocol['load_average_before']}"
+        + (f"; every method with {' '.join(args.overrides)}" if args.overrides else ""),
         flush=True,
     )
     header = columns(args.compile)
