@@ -66,3 +66,11 @@ def test_bench_refuses_a_bad_override_before_timing_anything(capsys):
     with pytest.raises(SystemExit, match="method.no_such_key"):
         bench.main(["--model", "vit_mnist", "--methods", "topk", "--set", "method.no_such_key=1"])
     assert "| method |" not in capsys.readouterr().out
+
+
+def test_bench_refuses_a_backbone_swap_in_set():
+    with pytest.raises(SystemExit):
+        bench.parse(["--set", "model=deit_tiny"])
+    assert bench.parse(["--set", "model.pruning.multi.blocks=[3]"]).overrides == [
+        "model.pruning.multi.blocks=[3]"
+    ]

@@ -216,6 +216,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.full:
         args.warmup, args.iters, args.pairs = 50, 30, 5
+    swapped = [o for o in args.overrides if o.lstrip("+~").split("=", 1)[0] == "model"]
+    if swapped:
+        parser.error(f"--set {swapped[0]}: the base and every method share one backbone; use --model")
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         parser.error(f"--methods: {unknown} not among {METHODS}")
@@ -232,11 +235,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     common = [f"model={args.model}", f"keep_rate={args.keep_rate}", "data=synthetic"]
     runs = [
-        (m, s, [f"method={m}"] + (["schedule=multi", *MULTI_OVERRIDES.get(m, [])] if s == "multi" else []))
+        (
+            m,
+            s,
+            [f"method={m}", *(["schedule=multi", *MULTI_OVERRIDES.get(m, [])] if s == "multi" else [])]
+            + args.overrides,
+        )
         for s in args.schedules.split(",")
         for m in args.methods.split(",")
     ]
-    runs = [(m, s, overrides + args.overrides) for m, s, overrides in runs]
     check_overrides(common, runs)
     spec = instantiate(compose_overrides(common).model)
     key = base_key(args.model, device, args.batch_size, args.dtype, args.compile)
