@@ -24,6 +24,7 @@ from tnt_lightning.models import create_model
 from tnt_lightning.paper import load_results
 from tnt_lightning.report import ReportError, build_report, match_budget, pareto_front
 from tnt_lightning.report.__main__ import main
+from tnt_lightning.report.plots import plot_lines
 from tnt_lightning.report.tables import Setting, match_paper
 from tnt_lightning.results import append_record
 
@@ -212,6 +213,32 @@ def test_runs_differing_in_more_than_the_seed_are_kept_apart_and_told_apart(tmp_
     by_variant = {row.variant: (row.n, row.mean("acc1")) for row in group.rows}
     assert by_variant == {"method.fuse_token=true": (2, 76.5), "method.fuse_token=false": (1, 70.0)}
     assert "| method.fuse_token=false |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_each_pruning_location_is_its_own_plot_line(tmp_path):
+    """Runs at block 2 and at block 6 are two curves with their own legend labels, never one."""
+    for block, keep, acc, gflops in (
+        (2, 0.5, 70.0, 2.7),
+        (2, 0.7, 75.0, 3.4),
+        (6, 0.5, 74.0, 3.1),
+        (6, 0.7, 77.0, 3.8),
+    ):
+        rec = record("topk", keep, metrics=m(acc, gflops), method_options={"single_block": block})
+        rec["schedule"]["blocks"] = [block]
+        append_record(tmp_path / "results", rec)
+    append_record(tmp_path / "results", record("evit", 0.5, metrics=m(72.0, 2.8)))
+    (group,) = build_report(tmp_path / "results", tmp_path / "out").groups
+    lines = [
+        (label, [(r.setting.keep_rate, r.mean("acc1")) for r in rows])
+        for _, label, rows in plot_lines(group, "gflops")
+    ]
+    assert lines == [
+        ("topk (blocks=[2])", [(0.5, 70.0), (0.7, 75.0)]),
+        ("topk (blocks=[6])", [(0.5, 74.0), (0.7, 77.0)]),
+        ("evit", [(0.5, 72.0)]),
+    ]
+    with Image.open(tmp_path / "out" / f"{DEIT_S}_imagenet_single_acc_vs_gflops.png") as image:
+        image.verify()
 
 
 def test_runs_on_backbones_pretrained_from_their_own_seed_average_as_seeds(tmp_path):

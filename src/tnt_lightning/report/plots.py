@@ -1,4 +1,5 @@
-"""Top-1 accuracy against GFLOPs and against throughput, one line per method (the paper's Figures 4, 5).
+"""Top-1 accuracy against GFLOPs and against throughput, one line per method and pruning location
+(the paper's Figures 4, 5): a method's runs at two locations or other settings are two lines.
 
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed. The Pareto front
 (no point more accurate at lower or equal cost) is ringed and joined by a dashed line; the paper's
@@ -13,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .tables import PAPER_DATA, Group, method_order, paper_points
+from .tables import PAPER_DATA, Group, Row, method_order, paper_points
 
 AXES = {
     "gflops": ("GFLOPs", "gflops", "pareto_gflops"),
@@ -25,27 +26,42 @@ def _color(method: str):
     return colormaps["tab10"](method_order(method)[0] % 10)
 
 
+def plot_lines(group: Group, metric: str) -> list[tuple[str, str, list[Row]]]:
+    """``(method, legend label, rows by cost)`` for each line of the plot against ``metric``: one per
+    method and location (or other setting, :attr:`Row.line`), the rows with top-1 and ``metric``."""
+    rows = [r for r in group.rows if r.mean("acc1") is not None and r.mean(metric) is not None]
+    lines: dict[tuple[str, str], list[Row]] = {}
+    for row in sorted(rows, key=lambda r: (method_order(r.method), r.line)):
+        lines.setdefault((row.method, row.line), []).append(row)
+    return [
+        (method, "none (base)" if method == "none" else f"{method} ({line})" if line else method, points)
+        for (method, line), points in ((k, sorted(v, key=lambda r: r.mean(metric))) for k, v in lines.items())
+    ]
+
+
 def plot_group(group: Group, metric: str, path: Path, paper_overlay: bool = True) -> Path | None:
     """Write the plot of ``group``'s top-1 against ``metric`` to ``path``; None if nothing to plot."""
     label, paper_key, front_attr = AXES[metric]
-    rows = [r for r in group.rows if r.mean("acc1") is not None and r.mean(metric) is not None]
-    if not rows:
+    lines = plot_lines(group, metric)
+    if not lines:
         return None
+    rows = [r for _, _, points in lines for r in points]
     fig = Figure(figsize=(7, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     methods = sorted({r.method for r in rows}, key=method_order)
-    for method in methods:
-        points = sorted((r for r in rows if r.method == method), key=lambda r: r.mean(metric))
+    markers = "osD^vP"
+    for n, (method, legend, points) in enumerate(lines):
         xs = [r.mean(metric) for r in points]
         ys = [r.mean("acc1") for r in points]
         errs = [r.stats["acc1"].std or 0.0 for r in points]
         if method == "none":
-            ax.errorbar(
-                xs, ys, yerr=errs, color="black", marker="*", markersize=12, ls="", label="none (base)"
-            )
+            ax.errorbar(xs, ys, yerr=errs, color="black", marker="*", markersize=12, ls="", label=legend)
         else:
-            ax.errorbar(xs, ys, yerr=errs, color=_color(method), marker="o", capsize=3, label=method)
+            # a method's lines share its colour; its locations differ by marker and dash
+            nth = sum(1 for m, _, _ in lines[:n] if m == method)
+            style = dict(marker=markers[nth % len(markers)], ls=("-", "--", "-.", ":")[nth % 4])
+            ax.errorbar(xs, ys, yerr=errs, color=_color(method), capsize=3, label=legend, **style)
     front = sorted((r for r in rows if getattr(r, front_attr)), key=lambda r: r.mean(metric))
     if front:
         fx, fy = [r.mean(metric) for r in front], [r.mean("acc1") for r in front]

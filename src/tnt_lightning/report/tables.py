@@ -312,6 +312,7 @@ class Row:
     pareto_gflops: bool = False
     pareto_throughput: bool = False
     variant: str = ""  # config keys that tell apart rows with the same method and setting
+    line: str = ""  # what tells apart a method's plot lines (its location, options), "" for one line
     weights: str = ""  # "random" or "local file ..." when the backbone was not the named model's
 
     @property
@@ -417,6 +418,33 @@ def _mark_variants(rows: Sequence[Row]) -> None:
             row.variant = ", ".join(f"{k}={config.get(k, 'unset')}" for k in keys)
 
 
+# What a plot's line runs along (its points' x): a run's every other setting picks its line.
+LINE_KNOBS = ("keep_rate", "schedule.rates", "method.r")
+# Where a method prunes, as configured: told by the resolved blocks when those differ.
+LOCATION_KEYS = ("method.single_block", "method.multi_blocks", "schedule.blocks")
+
+
+def _line_config(row: Row) -> dict[str, str]:
+    """A row's config but its seeds and line knobs, with the blocks it pruned at (resolved)."""
+    flat = {k: v for k, v in _flatten(_config_but_seed(row.records[0])).items() if k not in LINE_KNOBS}
+    flat["blocks"] = json.dumps((row.records[0].get("schedule") or {}).get("blocks"))
+    return flat
+
+
+def _mark_lines(rows: Sequence[Row]) -> None:
+    """Give each pruning location or other setting of a method its own plot line, named by what
+    differs: runs at block 2 and at block 6 are two curves, never one."""
+    by_method: dict[str, list[tuple[Row, dict[str, str]]]] = {}
+    for row in rows:
+        by_method.setdefault(row.method, []).append((row, _line_config(row)))
+    for same in by_method.values():
+        keys = sorted({k for _, c in same for k in c if len({f.get(k) for _, f in same}) > 1})
+        if "blocks" in keys:
+            keys = ["blocks", *(k for k in keys if k != "blocks" and k not in LOCATION_KEYS)]
+        for row, config in same:
+            row.line = ", ".join(f"{k}={config.get(k, 'unset')}" for k in keys)
+
+
 def _row_order(row: Row) -> tuple:
     s = row.setting
     if s.schedule == "none":
@@ -466,6 +494,7 @@ def build_groups(records: Sequence[dict[str, Any]]) -> list[Group]:
             row.weights = weights_mark(row.records)
             row.paper_note = "; ".join(n for n in (row.paper_note, _weights_note(row)) if n)
         _mark_variants(group.rows)
+        _mark_lines(group.rows)
         _mark_pareto(group.rows)
         group.rows.sort(key=_row_order)
     return groups
