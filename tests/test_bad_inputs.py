@@ -61,11 +61,13 @@ BAD_INPUTS = [
     (["logger=wandb", "logger.wandb.mode=online"], "logger.wandb.mode='online'"),
     (["data=imagefolder", "data.root={tmp}", "data.crop_pct=0"], "data.crop_pct=0"),
     (["task=visualize", "method=topk", "visualize.num_images=0"], "visualize.num_images=0"),
-]
-# Errors found when the run opens its files or builds the method, before any weights load, any
-# training or any data is read: recorded as a failed run of that configuration.
-FAILS_AT_BUILD = [
+    # the method refuses the schedule: found by building it on the backbone before the run starts
     (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),
+    (["method=tome", "schedule=multi"], "set e.g. method.r=8"),
+]
+# Errors found when the run opens its files, before any weights load, any training or any data is
+# read: recorded as a failed run of that configuration.
+FAILS_AT_BUILD = [
     (["model.checkpoint={tmp}/a_file"], "model.checkpoint="),
     (["model.checkpoint={tmp}/missing.pth"], "model.checkpoint="),
     (["method=tnt", "method.checkpoint={tmp}/a_file"], "method.checkpoint="),
@@ -79,7 +81,7 @@ THROUGH_RUN_PY = [
     (["+keep_rat=0.3"], "did you mean keep_rate", False),
     (["trainer.devices=abc"], "trainer.devices='abc'", False),
     (["paths.results_dir=/proc/tnt-results"], "paths.results_dir='/proc/tnt-results'", False),
-    (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5", True),
+    (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5", False),
 ]
 
 

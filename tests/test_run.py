@@ -69,6 +69,22 @@ def test_failed_run_is_recorded_with_its_error_and_what_it_measured(tmp_path):
     assert record["error"]["type"] == "DataLayoutError" and "missing" in record["error"]["message"]
 
 
+def test_a_config_the_method_refuses_fails_before_the_run_starts(tmp_path):
+    """Multi-layer ToMe without method.r fails before the run's record and W&B run start: no
+    `failed` record, no W&B folder (a failure once the run has started is recorded, above)."""
+    proc = run_py(
+        ["-m", "method=tome", "schedule=multi", "data=synthetic", "measure.throughput=false"],
+        tmp_path,
+        timeout=300,
+        env={"WANDB_MODE": "offline"},
+    )
+    assert proc.returncode != 0
+    assert "method.r" in proc.stderr
+    assert read_records(tmp_path / "results", history=True) == []
+    assert not (tmp_path / "wandb").exists()
+    assert not list(tmp_path.rglob("hparams.yaml"))  # nor the CSV logger's
+
+
 def test_results_lines_are_whole_json(tmp_path):
     from tnt_lightning.results import append_record
 

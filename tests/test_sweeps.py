@@ -118,19 +118,15 @@ def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
     assert "Error executing job with overrides: ['method=tome', 'keep_rate=0.3'" in first.stderr
     records = read_records(tmp_path / "results")
     status = {(r["method"], r["keep_rate"]): r["status"] for r in records}
-    assert status == {
-        ("random", 0.7): "ok",
-        ("random", 0.3): "ok",
-        ("tome", 0.7): "ok",
-        ("tome", 0.3): "failed",  # ToMe keeps at least half the tokens in one layer
-    }
-    failed = next(r for r in records if r["status"] == "failed")
-    assert "half" in failed["error"]["message"] and failed["sweep_name"] == "mnist_all"
+    # ToMe keeps at least half the tokens in one layer: a config error, found before its run
+    # starts, so it leaves no record (a failure during a run is recorded: test_run.py)
+    assert status == {("random", 0.7): "ok", ("random", 0.3): "ok", ("tome", 0.7): "ok"}
+    assert "merges at most half" in first.stderr
 
     again = run_py(args, tmp_path, timeout=300)
     assert again.stdout.count("already recorded") == 3  # only the failed job runs again
-    assert len(read_records(tmp_path / "results")) == 4  # one current record per experiment
-    assert len(read_records(tmp_path / "results", history=True)) == 5  # every attempt kept
+    assert again.returncode != 0 and "merges at most half" in again.stderr
+    assert len(read_records(tmp_path / "results", history=True)) == 3  # one record per experiment
 
 
 def test_slurm_dry_run_prints_the_array_submission(tmp_path):
