@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,12 @@ from timm.layers import Attention
 from conftest import compose_config, run_py, tiny_vit
 from tnt_lightning.engine import AttentionNeeds, ReductionError, Tokens, apply_reducer, backbone_info
 from tnt_lightning.engine import attention as engine_attention
-from tnt_lightning.engine.attention import attend, softmax_with_policy
+from tnt_lightning.engine.attention import (
+    attend,
+    official_rounding,
+    official_rounding_enabled,
+    softmax_with_policy,
+)
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
 from tnt_lightning.models import create_model, save_artefact
@@ -255,13 +261,35 @@ def test_masked_softmax_lets_a_query_attend_only_to_kept_keys_and_itself():
     assert weights[0, 0, 0, 1] < 1e-5  # the dropped key gets only the eps floor
 
 
-def official_masked_softmax(scores, policy, eps=1e-6):
-    """The official ``softmax_with_policy`` formula, left to autograd (without its fp32 cast)."""
+def official_masked_softmax(scores, policy, eps=1e-6, rounded=False):
+    """The official ``softmax_with_policy`` formula, left to autograd. ``rounded``: with its casts
+    (the mask built in the policy's dtype, the row maximum subtracted in the scores' dtype, then
+    the exponential, the mask and the normalisation in float32, the result cast back to the scores'
+    dtype); without them, every op in the inputs' dtype."""
     n = scores.shape[-1]
     allowed = policy.reshape(policy.shape[0], 1, 1, n)
     allowed = allowed + (1.0 - allowed) * torch.eye(n, dtype=allowed.dtype).view(1, 1, n, n)
-    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp() * allowed
-    return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+    shifted = scores - scores.max(dim=-1, keepdim=True).values
+    if rounded:
+        shifted, allowed = shifted.float(), allowed.float()
+    weights = shifted.exp() * allowed
+    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).to(scores.dtype)
+
+
+def random_policy(batch: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The CLS token kept, then about half of the patches."""
+    generator = torch.Generator().manual_seed(1)
+    keep = torch.rand(batch, n - 1, 1, generator=generator) > 0.5
+    return torch.cat([torch.ones(batch, 1, 1, dtype=dtype), keep.to(dtype)], dim=1)
+
+
+def masked_softmax_inputs(dtype: torch.dtype, batch: int = 2, heads: int = 3, n: int = 9):
+    """Scores spread as trained attention logits are, a policy, an upstream gradient."""
+    generator = torch.Generator().manual_seed(0)
+    scores = 4 * torch.randn(batch, heads, n, n, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(batch, heads, n, n, generator=generator, dtype=torch.float64)
+    policy = random_policy(batch, n, dtype)
+    return scores.to(dtype).requires_grad_(True), policy.requires_grad_(True), upstream.to(dtype)
 
 
 def test_masked_softmax_gradients_equal_autograd_of_the_official_formula():
@@ -283,17 +311,25 @@ def test_masked_softmax_gradients_equal_autograd_of_the_official_formula():
     assert half.dtype == torch.bfloat16  # computed in fp32, returned in the caller's dtype
 
 
-def test_chunked_masked_attention_equals_the_unfused_path_and_its_gradients(monkeypatch):
-    """Masked training runs MaskedAttention a few images at a time; asking for the probabilities
-    forces the unfused path (scores, masked softmax, @ v) on the same layer and input."""
+@pytest.mark.parametrize(
+    ("dtype", "chunk_rows", "atol"),
+    [(torch.float64, [(0, 5)], 1e-13), (torch.float32, [(0, 2), (2, 5)], 1e-5)],
+)
+def test_chunked_masked_attention_equals_the_unfused_path_and_its_gradients(
+    monkeypatch, dtype, chunk_rows, atol
+):
+    """Masked training runs MaskedAttention a few images at a time (float64: the whole batch);
+    asking for the probabilities forces the unfused path (scores, masked softmax, @ v) on the same
+    layer and input."""
     torch.manual_seed(0)
-    layer = Attention(dim=8, num_heads=2, qkv_bias=True).double()
-    x = torch.randn(5, 6, 8, dtype=torch.float64, requires_grad=True)
-    policy = torch.cat([torch.ones(5, 1, 1), (torch.rand(5, 5, 1) > 0.5).float()], 1).double()
+    layer = Attention(dim=8, num_heads=2, qkv_bias=True).to(dtype)
+    x = torch.randn(5, 6, 8, dtype=dtype, requires_grad=True)
+    policy = torch.cat([torch.ones(5, 1, 1), (torch.rand(5, 5, 1) > 0.5).float()], 1).to(dtype)
     policy.requires_grad_(True)
-    upstream = torch.randn(5, 6, 8, dtype=torch.float64)
-    monkeypatch.setattr(engine_attention, "CHUNK_BYTES", 2 * 2 * 6 * 6 * 8)  # chunks of 2, 2, 1
-    assert engine_attention.chunk_size(torch.empty(5, 2, 6, 4, dtype=torch.float64)) == 2
+    upstream = torch.randn(5, 6, 8, dtype=dtype)
+    monkeypatch.setattr(engine_attention, "CHUNK_BYTES", 2 * 2 * 6 * 6 * dtype.itemsize)  # 2 images
+    chunks = engine_attention.chunks(torch.empty(5, 2, 6, 4, dtype=dtype))
+    assert [(c.start, c.stop) for c in chunks] == chunk_rows  # float32: no chunk of one image
     results = []
     for needs in (AttentionNeeds(), AttentionNeeds(probs=True)):
         out, info = attend(layer, x, needs, policy=policy)
@@ -301,9 +337,154 @@ def test_chunked_masked_attention_equals_the_unfused_path_and_its_gradients(monk
         inputs = (x, policy, *layer.parameters())
         results.append((out, torch.autograd.grad(out, inputs, upstream)))
     (chunked, chunked_grads), (unfused, unfused_grads) = results
-    torch.testing.assert_close(chunked, unfused, atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(chunked, unfused, atol=atol / 10, rtol=atol / 10)
     for got, expected in zip(chunked_grads, unfused_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-13, rtol=1e-10)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("batch", [5, 8])
+def test_masked_attention_in_float64_gives_the_whole_batch_products_bitwise(monkeypatch, batch):
+    """However small the chunk budget, float64 masked attention equals the batched computation
+    bit for bit: its forward equals the unfused path's, its gradients a whole-batch run's (a chunk
+    of one image, or of three images of three heads, rounds float64 products differently)."""
+    torch.manual_seed(0)
+    layer = Attention(dim=48, num_heads=3, qkv_bias=True).double()
+    x = torch.randn(batch, 17, 48, dtype=torch.float64)
+    policy = torch.cat([torch.ones(batch, 1, 1), (torch.rand(batch, 16, 1) > 0.5).float()], 1).double()
+    upstream = torch.randn(batch, 17, 48, dtype=torch.float64)
+
+    def run(chunk_bytes, probs=False):
+        monkeypatch.setattr(engine_attention, "CHUNK_BYTES", chunk_bytes)
+        inputs = (x.clone().requires_grad_(True), policy.clone().requires_grad_(True), *layer.parameters())
+        out, _ = attend(layer, inputs[0], AttentionNeeds(probs=probs), policy=inputs[1])
+        return out, torch.autograd.grad(out, inputs, upstream)
+
+    whole, whole_grads = run(1 << 40)
+    unfused, _ = run(1 << 40, probs=True)
+    assert torch.equal(whole, unfused)
+    for images in (1, 2, 3):
+        out, grads = run(images * 3 * 17 * 17 * 8)
+        assert torch.equal(out, unfused)
+        assert all(torch.equal(g, w) for g, w in zip(grads, whole_grads, strict=True))
+
+
+def test_float32_chunks_are_never_one_image_of_a_larger_batch(monkeypatch):
+    q = torch.empty(7, 2, 6, 4)
+    monkeypatch.setattr(engine_attention, "CHUNK_BYTES", 2 * 6 * 6 * 4)  # a budget of one image
+    assert [(c.start, c.stop) for c in engine_attention.chunks(q)] == [(0, 2), (2, 4), (4, 7)]
+    monkeypatch.setattr(engine_attention, "CHUNK_BYTES", 3 * 2 * 6 * 6 * 4)
+    assert [(c.start, c.stop) for c in engine_attention.chunks(q)] == [(0, 3), (3, 7)]
+    assert [(c.start, c.stop) for c in engine_attention.chunks(q[:1])] == [(0, 1)]
+
+
+# -- rounding as the official code (official_rounding) ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_official_rounding_gives_the_official_formula_and_its_gradients_bitwise(dtype):
+    scores, policy, upstream = masked_softmax_inputs(dtype)
+    expected = official_masked_softmax(scores, policy, rounded=True)
+    expected_grads = torch.autograd.grad(expected, (scores, policy), upstream)
+    assert not official_rounding_enabled()
+    with official_rounding():
+        got = softmax_with_policy(scores, policy)
+    assert not official_rounding_enabled()
+    explicit = softmax_with_policy(scores, policy, official=True)
+    assert got.dtype == dtype and torch.equal(got, expected) and torch.equal(explicit, expected)
+    grads = torch.autograd.grad(got, (scores, policy), upstream)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+
+
+def test_official_rounding_runs_the_attention_layer_as_the_official_formula_bitwise():
+    """Under official_rounding, masked attention (which would otherwise run MaskedAttention)
+    computes ``softmax(q k^T) v`` with the official formula, forward and gradients bit for bit."""
+    torch.manual_seed(0)
+    layer = Attention(dim=48, num_heads=3, qkv_bias=True).double()
+    x0 = torch.randn(4, 9, 48, dtype=torch.float64)
+    policy0 = random_policy(4, 9, torch.float64)
+    upstream = torch.randn(4, 9, 48, dtype=torch.float64)
+
+    def reference(x, policy):
+        qkv = layer.qkv(x).reshape(4, 9, 3, 3, 16).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        probs = official_masked_softmax((q * layer.scale) @ k.transpose(-2, -1), policy, rounded=True)
+        return layer.proj((probs @ v).transpose(1, 2).reshape(4, 9, 48))
+
+    def run(forward):
+        x, policy = x0.clone().requires_grad_(True), policy0.clone().requires_grad_(True)
+        out = forward(x, policy)
+        return out, torch.autograd.grad(out, (x, policy, *layer.parameters()), upstream)
+
+    expected, expected_grads = run(reference)
+    default, _ = run(lambda x, policy: attend(layer, x, policy=policy)[0])
+    with official_rounding():
+        got, grads = run(lambda x, policy: attend(layer, x, policy=policy)[0])
+    assert not torch.equal(default, expected)  # float64 by default: no float32 rounding
+    assert torch.equal(got, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+
+
+def test_default_float64_masked_softmax_is_closer_to_exact_than_the_official_rounding():
+    """Without official_rounding, float64 scores stay float64: the result differs from the
+    official float32 rounding and is closer to the formula evaluated in extended precision."""
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("numpy's longdouble is no wider than float64 here")
+    scores, policy, _ = masked_softmax_inputs(torch.float64)
+    s = scores.detach().numpy().astype(np.longdouble)
+    keys = policy.detach().numpy().astype(np.longdouble).reshape(2, 1, 1, 9)
+    allowed = keys + (1 - keys) * np.eye(9, dtype=np.longdouble)
+    weights = np.exp(s - s.max(axis=-1, keepdims=True)) * allowed
+    eps = np.longdouble(1e-6)
+    exact = (weights + eps / 9) / (weights.sum(axis=-1, keepdims=True) + eps)
+
+    def error(probs):
+        return float(np.abs(probs.detach().numpy().astype(np.longdouble) - exact).max())
+
+    default = softmax_with_policy(scores, policy)
+    rounded = softmax_with_policy(scores, policy, official=True)
+    assert not torch.equal(default, rounded)
+    assert error(default) < 1e-15 and error(rounded) > 1e-10
+
+
+def test_bf16_masked_softmax_subtracts_the_max_in_float32_by_default():
+    """bf16 scores: by default the whole softmax runs in float32 on them (only the result is
+    rounded to bf16), within bf16 rounding of the float32 scores' probabilities; the official
+    rounding subtracts the max in bf16, further from them."""
+    scores, policy, _ = masked_softmax_inputs(torch.float32)
+    scores, policy = scores.detach(), policy.detach()
+    fp32 = softmax_with_policy(scores, policy)
+    half = scores.bfloat16()
+    default = softmax_with_policy(half, policy.bfloat16())
+    assert default.dtype == torch.bfloat16
+    assert torch.equal(default, softmax_with_policy(half.float(), policy.bfloat16().float()).bfloat16())
+    torch.testing.assert_close(default.float(), fp32, atol=0.02, rtol=2**-7)
+    official = softmax_with_policy(half, policy.bfloat16(), official=True)
+    exact = softmax_with_policy(half.double(), policy.bfloat16().double())
+    assert (default.double() - exact).abs().max() < (official.double() - exact).abs().max()
+
+
+def test_official_rounding_option_rounds_the_training_step_only_and_keys_the_artefact(tmp_path):
+    info = backbone_info(tiny_vit(prefix=1, depth=4))
+    options = {"blocks": [0, 1], "keep_ratios": [0.7, 0.49]}
+    rounded = DTPS(info, **options, official_rounding=True)
+    assert "official_rounding" not in DynamicViT(info, **options).training_key()  # keys as before
+    assert rounded.training_key()["official_rounding"] is True
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2])
+    losses = []
+    for reducer, context in ((rounded, False), (DTPS(info, **options), True), (DTPS(info, **options), False)):
+        reducer.load_state_dict(rounded.state_dict())
+        model = apply_reducer(tiny_vit(prefix=1, depth=4), reducer).double().train()
+        torch.manual_seed(3)
+        with official_rounding(context):
+            losses.append(reducer.training_loss(model, x, y, 0.0).loss)
+        assert not official_rounding_enabled()
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    cfg = compose_config(["method=dtps", "model=vit_cmnist", "+method.official_rounding=true"], tmp_path)
+    spec = instantiate(cfg.model)
+    reducer, record = build_reducer(
+        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))
+    )
+    assert reducer.official_rounding and record["official_rounding"] is True
 
 
 # -- trained parameters: files, identities, early errors ----------------------------------------

@@ -7,9 +7,20 @@ probabilities (``AttentionNeeds.cls_probs``: Top-K, EViT, eTPS, ATS) gets that r
 explicitly and the other queries' attention fused, which is the same arithmetic.
 The arithmetic follows timm's ``Attention.forward`` (q is scaled before ``q @ k^T``), so an
 untouched layer gives timm's numbers.
+
+DynamicViT's masked softmax rounds, by default, less than the official ``softmax_with_policy``:
+in float64 it stays float64 (the official code rounds the shifted scores to float32), and under
+half-precision autocast the max is subtracted in float32 (the official code subtracts it in half
+precision). :func:`official_rounding` (or ``method.official_rounding=true`` for DynamicViT and
+dTPS) rounds where the official code rounds instead, for float64 comparisons with it; in float32
+the two modes compute the same forward.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +83,55 @@ class PolicySoftmax(torch.autograd.Function):
         return (*masked_softmax_backward(grad, ctx.saved_tensors, ctx.needs_input_grad[1]), None)
 
 
-def softmax_with_policy(scores: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+_OFFICIAL_ROUNDING: ContextVar[bool] = ContextVar("official_rounding", default=False)
+
+
+@contextlib.contextmanager
+def official_rounding(enabled: bool = True) -> Iterator[None]:
+    """Within this context the masked softmax rounds exactly where the official DynamicViT code
+    rounds (:func:`softmax_as_official`) and its gradients are autograd's of that op sequence;
+    masked attention then never runs :class:`MaskedAttention`. Outside it (the default), the
+    masked softmax keeps the scores' precision when it is float32 or more, and float32 for half
+    precision."""
+    token = _OFFICIAL_ROUNDING.set(enabled)
+    try:
+        yield
+    finally:
+        _OFFICIAL_ROUNDING.reset(token)
+
+
+def official_rounding_enabled() -> bool:
+    """Whether :func:`official_rounding` is in force here."""
+    return _OFFICIAL_ROUNDING.get()
+
+
+def softmax_as_official(scores: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+    """The masked softmax in the official op order and rounding, left to autograd: the mask in
+    the policy's dtype, the row maximum (``torch.max``: its gradient goes to one index) and its
+    subtraction in the scores' dtype, then ``exp``, the mask, the ``eps`` terms and the
+    normalisation in float32, the result in the scores' dtype. ``policy``: [B, N, 1]."""
+    n = scores.shape[-1]
+    keys = policy.reshape(policy.shape[0], 1, 1, n)
+    allowed = keys + (1.0 - keys) * torch.eye(n, dtype=keys.dtype, device=keys.device)
+    shifted = scores - torch.max(scores, dim=-1, keepdim=True)[0]
+    weights = shifted.to(torch.float32).exp_() * allowed.to(torch.float32)
+    probs = (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+    return probs.to(scores.dtype)
+
+
+def softmax_with_policy(
+    scores: Tensor, policy: Tensor, eps: float = 1e-6, official: bool | None = None
+) -> Tensor:
     """DynamicViT's masked softmax: query i attends to key t only if ``policy[t] == 1`` or ``t == i``.
 
-    ``(exp(s - max) * g + eps / N) / (sum + eps)``, computed in fp32 for stable mixed-precision
-    training as the official ``softmax_with_policy`` does; in float64 (our faithfulness checks) it
-    stays float64, where the official code would round to fp32. ``policy``: [B, N, 1].
+    ``(exp(s - max) * g + eps / N) / (sum + eps)``. By default computed in the scores' dtype
+    promoted to at least float32 (half-precision scores are cast to float32 before the max is
+    subtracted; float64 stays float64), with :class:`PolicySoftmax`'s hand-written backward.
+    ``official`` (default: whether :func:`official_rounding` is in force) runs
+    :func:`softmax_as_official` instead. ``policy``: [B, N, 1].
     """
+    if official_rounding_enabled() if official is None else official:
+        return softmax_as_official(scores, policy, eps)
     compute = torch.promote_types(scores.dtype, torch.float32)
     probs = PolicySoftmax.apply(scores.to(compute), policy.to(compute), eps)
     return probs.to(scores.dtype)
@@ -87,10 +140,24 @@ def softmax_with_policy(scores: Tensor, policy: Tensor, eps: float = 1e-6) -> Te
 CHUNK_BYTES = 1 << 21
 
 
-def chunk_size(q: Tensor) -> int:
-    """Images per chunk of :class:`MaskedAttention`: about 2 MiB of [b, H, N, N] scores."""
-    _, heads, n, _ = q.shape
-    return max(1, CHUNK_BYTES // (heads * n * n * q.element_size()))
+def chunks(q: Tensor) -> list[slice]:
+    """The images of each chunk of :class:`MaskedAttention`, so that chunking never changes the
+    result against the whole batch's products.
+
+    float64 (the precision of faithfulness checks) runs the whole batch as one chunk: its
+    batched products round differently for a chunk of one image (whose batch folds into a
+    strided view) and, with an odd number of heads, for a chunk that starts on an odd image.
+    Other dtypes take about 2 MiB of [b, H, N, N] scores per chunk, at least 2 images, and the
+    last chunk is never a single image of a larger batch (it joins the chunk before).
+    """
+    batch, heads, n, _ = q.shape
+    if q.dtype == torch.float64:
+        return [slice(0, batch)]
+    step = max(2, CHUNK_BYTES // (heads * n * n * q.element_size()))
+    starts = list(range(0, batch, step))
+    if len(starts) > 1 and batch - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], batch], strict=True)]
 
 
 def transposed_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -102,8 +169,8 @@ def transposed_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 class MaskedAttention(torch.autograd.Function):
-    """``softmax_with_policy(q @ k^T) @ v`` (q already scaled) a few images at a time, recomputed
-    in backward.
+    """``softmax_with_policy(q @ k^T) @ v`` (q already scaled) a few images at a time
+    (:func:`chunks`; float64 the whole batch at once), recomputed in backward.
 
     The same arithmetic as the unfused path, but no [B, H, N, N] tensor is kept for backward and
     each chunk's [b, H, N, N] stays in cache. A DynamicViT training step on ``vit_cmnist`` (batch
@@ -116,9 +183,7 @@ class MaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, eps: float) -> Tensor:
         out = v.new_empty(*q.shape[:-1], v.shape[-1])
-        step = chunk_size(q)
-        for b in range(0, q.shape[0], step):
-            rows = slice(b, b + step)
+        for rows in chunks(q):
             scores = q[rows] @ k[rows].transpose(-2, -1)
             probs = masked_softmax_parts(scores, policy[rows], eps, locate_peaks=False)[3]
             out[rows] = probs @ v[rows]
@@ -131,9 +196,7 @@ class MaskedAttention(torch.autograd.Function):
         q, k, v, policy = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_policy = torch.empty_like(policy) if ctx.needs_input_grad[3] else None
-        step = chunk_size(q)
-        for b in range(0, q.shape[0], step):
-            rows = slice(b, b + step)
+        for rows in chunks(q):
             parts = masked_softmax_parts(q[rows] @ k[rows].transpose(-2, -1), policy[rows], ctx.eps)
             grad_v[rows] = transposed_matmul(parts[3], grad_out[rows])
             grad_probs = grad_out[rows] @ v[rows].transpose(-2, -1)
@@ -148,7 +211,10 @@ class MaskedAttention(torch.autograd.Function):
 def chunked_masked_attention(q: Tensor, needs: AttentionNeeds, dropout: float, bias: Tensor | None) -> bool:
     """Whether masked training can run :class:`MaskedAttention`: nobody reads the probabilities,
     no dropout or bias, fp32/fp64 outside autocast (mixed precision keeps the official path:
-    scores in half precision, the masked softmax in fp32)."""
+    scores in half precision, the masked softmax in fp32), and not under :func:`official_rounding`
+    (whose gradients are autograd's of the official op sequence)."""
+    if official_rounding_enabled():
+        return False
     plain = not (needs.probs or needs.cls_probs or dropout or bias is not None)
     autocast = torch.is_autocast_enabled(q.device.type)
     return plain and q.dtype in (torch.float32, torch.float64) and not autocast

@@ -12,6 +12,10 @@ distillation term on the tokens kept to the end (MSE for DeiT; dTPS uses a chann
 
 dTPS additionally squeezes the tokens pruned at a stage into their most similar kept tokens
 (section 8.2): masked in training, for real at inference.
+
+``official_rounding=True`` runs the training step's masked softmax rounded where the official
+code rounds (:func:`~tnt_lightning.engine.attention.official_rounding`), for float64 comparisons
+with it; the default keeps the more accurate rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens, gather_rows
+from ..engine.attention import official_rounding
 from .learned import LearnedReducer, TrainingOutput, classification_loss
 from .squeeze import squeeze, squeeze_masked
 
@@ -81,6 +86,7 @@ class DynamicViT(LearnedReducer):
         clf_weight: float = 1.0,
         token_loss: str = "mse",
         paper_flops_compat: bool = False,
+        official_rounding: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(seed=seed)
@@ -101,6 +107,7 @@ class DynamicViT(LearnedReducer):
         self.ratio_weight, self.distill_weight, self.clf_weight = ratio_weight, distill_weight, clf_weight
         self.token_loss = token_loss
         self.paper_flops_compat = paper_flops_compat
+        self.official_rounding = official_rounding
         self.cls_only_backbone = paper_flops_compat
         self.score_predictor = nn.ModuleList(PredictorLG(info.embed_dim) for _ in self.blocks)
         self.decisions: list[Tensor] = []
@@ -198,7 +205,7 @@ class DynamicViT(LearnedReducer):
     # -- training ------------------------------------------------------------------------------
 
     def training_key(self) -> dict[str, Any]:
-        return {
+        key = {
             "method": self.name,
             "blocks": self.blocks,
             "keep_ratios": self.keep_ratios,
@@ -208,6 +215,9 @@ class DynamicViT(LearnedReducer):
             "clf_weight": self.clf_weight,
             "token_loss": self.token_loss,
         }
+        if self.official_rounding:  # only when set: the key of artefacts trained before it existed
+            key["official_rounding"] = True
+        return key
 
     def training_loss(
         self,
@@ -218,9 +228,11 @@ class DynamicViT(LearnedReducer):
         teacher: nn.Module | None = None,
     ) -> TrainingOutput:
         """The official loss, against the frozen pretrained backbone run unpruned in eval mode as the
-        teacher (``model`` itself unless its backbone is being fine-tuned)."""
+        teacher (``model`` itself unless its backbone is being fine-tuned). With
+        ``official_rounding``, the student's masked softmax rounds as the official code's."""
         p = self.info.num_prefix
-        features = model.forward_features(x)
+        with official_rounding() if self.official_rounding else contextlib.nullcontext():
+            features = model.forward_features(x)
         logits = model.forward_head(features)
         kept = model.last_tokens.policy[:, p:, 0].detach() > 0.5
         teacher = model if teacher is None else teacher
