@@ -21,7 +21,7 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
     from tnt_lightning.quiet import quiet
 
     quiet(cfg.get("verbose", False))
@@ -30,9 +30,9 @@ def main(cfg: DictConfig) -> None:
         check_added_keys(list(hydra_cfg.overrides.task), cfg, str(CONF_DIR))
         from tnt_lightning.tasks import run_task
 
-        run_task(cfg)
+        return run_task(cfg)  # a sweep's table says what each job did (sweep_report.py)
     except UserError as e:
-        # One clear line for what the user can fix; a sweep's other jobs still run (Hydra reports
+        # One clear line for what the user can fix; a sweep's other jobs still run (its table lists
         # the failed ones at the end), and HYDRA_FULL_ERROR=1 shows the traceback.
         if hydra_cfg.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -114,8 +114,21 @@ def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
         "logger=csv",
     ]
     first = run_py(args, tmp_path, timeout=300)
-    assert first.returncode != 0  # Hydra reports the failed job after running every job
-    assert "Error executing job with overrides: ['method=tome', 'keep_rate=0.3'" in first.stderr
+    assert first.returncode == 1  # after running every job and printing the table
+    jobs = re.findall(r"^job (\d) of 4: (.*)$", first.stdout, re.M)
+    assert [j for _, j in jobs] == [
+        "method=random keep_rate=0.7",
+        "method=random keep_rate=0.3",
+        "method=tome keep_rate=0.7",
+        "method=tome keep_rate=0.3",
+    ]
+    table = first.stdout.split("sweep done, ", 1)[1].splitlines()
+    assert table[0] == "4 of 4 job(s): 3 recorded, 0 skipped, 1 failed"
+    assert re.match(r" +1 +method=random keep_rate=0.7 +recorded: run \w{12}", table[2]), table
+    assert re.match(
+        r" +4 +method=tome keep_rate=0.3 +failed: ReductionError: method=tome merges at most half", table[5]
+    )
+    assert "Error executing job" not in first.stderr  # one table, not Hydra's traceback
     records = read_records(tmp_path / "results")
     status = {(r["method"], r["keep_rate"]): r["status"] for r in records}
     # ToMe keeps at least half the tokens in one layer: a config error, found before its run
@@ -124,9 +137,65 @@ def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
     assert "merges at most half" in first.stderr
 
     again = run_py(args, tmp_path, timeout=300)
-    assert again.stdout.count("already recorded") == 3  # only the failed job runs again
+    assert again.stdout.count("eval: already recorded") == 3  # only the failed job runs again
     assert again.returncode != 0 and "merges at most half" in again.stderr
+    assert "sweep done, 4 of 4 job(s): 0 recorded, 3 skipped, 1 failed" in again.stdout
+    assert re.search(r" 2 +method=random keep_rate=0.3 +skipped: already recorded as run", again.stdout)
     assert len(read_records(tmp_path / "results", history=True)) == 3  # one record per experiment
+
+
+def test_the_sweep_report_tells_recorded_skipped_and_failed_jobs(tmp_path, capsys, monkeypatch):
+    """The callback on its own, as a launcher drives it: every kind of end, then one table."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from tnt_lightning.config import ConfigError
+    from tnt_lightning.sweep_report import SweepReport
+
+    report = SweepReport()
+    report.total, report.common = 4, ["data=synthetic"]
+    ends = [
+        (JobStatus.COMPLETED, {"run_id": "a" * 12, "created_at": "2999-01-01T00:00:00+00:00", "metrics": {}}),
+        (JobStatus.COMPLETED, {"run_id": "b" * 12, "created_at": "2020-01-01T00:00:00+00:00"}),
+        (JobStatus.COMPLETED, None),  # run_task: another job holds the claim
+        (JobStatus.FAILED, ConfigError("keep_rate=2 is not allowed\nsecond line")),
+    ]
+    returns = []
+    for num, (status, value) in enumerate(ends):
+        job = OmegaConf.create(
+            {
+                "hydra": {
+                    "job": {"num": num},
+                    "overrides": {"task": [f"keep_rate=0.{num}", "data=synthetic"]},
+                    "runtime": {"output_dir": str(tmp_path / str(num))},
+                }
+            }
+        )
+        (tmp_path / str(num)).mkdir()
+        report.on_job_start(config=job)
+        returns.append(JobReturn(status=status, _return_value=value))
+        report.on_job_end(config=job, job_return=returns[-1])
+    assert all(r.status is JobStatus.COMPLETED for r in returns)  # the sweep goes on to the table
+    with pytest.raises(SystemExit) as end:
+        report.on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert end.value.code == 1
+    out = capsys.readouterr()
+    assert "job 1 of 4: keep_rate=0.0\n" in out.out and "job 4 of 4 failed:\nerror: keep_rate=2" in out.err
+    table = out.out.split("sweep done, ", 1)[1].splitlines()
+    assert table == [
+        "4 of 4 job(s): 1 recorded, 2 skipped, 1 failed",
+        "  job  overrides      outcome",
+        "    1  keep_rate=0.0  recorded: run aaaaaaaaaaaa",
+        "    2  keep_rate=0.1  skipped: already recorded as run bbbbbbbbbbbb (2020-01-01T00:00:00+00:00)",
+        "    3  keep_rate=0.2  skipped: running elsewhere (run_task's claim)",
+        "    4  keep_rate=0.3  failed: ConfigError: keep_rate=2 is not allowed",
+    ]
+    # a launcher running jobs in other processes (submitit, SLURM): read back from the job folders
+    elsewhere = SweepReport()
+    with pytest.raises(SystemExit):
+        elsewhere.on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert capsys.readouterr().out.split("sweep done, ", 1)[1].splitlines()[2:] == table[2:]
 
 
 def test_slurm_dry_run_prints_the_array_submission(tmp_path):
