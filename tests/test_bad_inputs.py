@@ -59,7 +59,7 @@ BAD_INPUTS = [
     (["paths.results_dir={tmp}/a_file"], "paths.results_dir="),
     (["paths.results_dir=/proc/tnt-results"], "paths.results_dir='/proc/tnt-results'"),
     (["logger=wandb", "logger.wandb.mode=online"], "logger.wandb.mode='online'"),
-    (["data=imagefolder", "data.root={tmp}", "data.crop_pct=0"], "data.crop_pct=0"),
+    (["data=imagefolder", "data.root={tmp}", "data.preprocess.crop_pct=0"], "data.preprocess.crop_pct=0"),
     (["task=visualize", "method=topk", "visualize.num_images=0"], "visualize.num_images=0"),
     # the method refuses the schedule: found by building it on the backbone before the run starts
     (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),

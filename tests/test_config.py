@@ -13,6 +13,7 @@ from tnt_lightning.config import ConfigError, validate
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.methods import build_reducer
 from tnt_lightning.models import BackboneSpec
+from tnt_lightning.tasks.inputs import resolve_inputs
 
 EXTRA = {
     "imagenet": ["data.root=/nonexistent"],
@@ -40,6 +41,7 @@ def test_every_config_file_composes_and_resolves(group, option, tmp_path):
             spec.timm_name if option == "timm" else option
         )
     if group == "data":
+        resolve_inputs(cfg)
         assert instantiate(cfg.data).name == option
 
 

@@ -17,6 +17,7 @@ from tnt_lightning.data import (
     SyntheticDataModule,
     load_rgb,
 )
+from tnt_lightning.results.keys import DEIT_PREPROCESSING
 
 
 def _image(mode: str, size=(40, 30)) -> Image.Image:
@@ -215,7 +216,7 @@ def test_greyscale_small_images_follow_the_data_settings(tmp_path):
         root=str(make_folder(tmp_path)),
         channels=1,
         image_size=16,
-        crop_pct=1.0,
+        preprocess={**DEIT_PREPROCESSING, "crop_pct": 1.0},
         augment="light",
         num_workers=0,
         batch_size=4,

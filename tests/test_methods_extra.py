@@ -24,6 +24,7 @@ from tnt_lightning.methods.sit import SlimmingStage
 from tnt_lightning.methods.spatial import centre_distances, threshold_for
 from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
 from tnt_lightning.models.backbones import check_engine_support
+from tnt_lightning.tasks.inputs import resolve_inputs
 from tnt_lightning.visualize import patch_owners
 
 
@@ -98,7 +99,10 @@ def test_tnt_multi_layer_importance_comes_from_the_cpu_generator_on_cuda():
 
 
 def timm_spec(tmp_path, name: str, *overrides: str) -> BackboneSpec:
-    return instantiate(compose_config(["model=timm", f"model.timm_name={name}", *overrides], tmp_path).model)
+    """The spec of ``model=timm`` with the input size resolved, as a run resolves it."""
+    cfg = compose_config(["model=timm", f"model.timm_name={name}", *overrides], tmp_path)
+    resolve_inputs(cfg)
+    return instantiate(cfg.model)
 
 
 def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
@@ -189,8 +193,8 @@ def test_timm_pruning_defaults_scale_with_depth(tmp_path):
     ],
 )
 def test_models_the_engine_cannot_serve_fail_early_naming_model_and_reason(name, reason, tmp_path):
-    with pytest.raises(ConfigError, match=re.escape(reason)) as err:
-        create_model(timm_spec(tmp_path, name))
+    with pytest.raises(ConfigError, match=re.escape(reason)) as err:  # a 384 model asked for 224 inputs
+        create_model(timm_spec(tmp_path, name, "model.input_size=[3,224,224]"))
     assert name in str(err.value)
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
 
-from tnt_lightning.data import deit_train_transform
+from tnt_lightning.data import deit_train_transform, resolve_preprocessing
 from tnt_lightning.data.transforms import AUGMENTATIONS, posterize_any_bits, train_transform
 
 
@@ -73,7 +73,14 @@ def test_zero_bit_posterize_gives_black_as_older_pillow_did():
 def test_whole_train_transform_over_many_draws(augment):
     """The composed transform, applied repeatedly (magnitudes drawn around 9, clipped at 10)."""
     torch.manual_seed(0)
-    transform = train_transform(augment, 32, 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    given = {
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+    }
+    transform = train_transform(augment, 32, resolve_preprocessing({"source": "given", **given}))
     for _ in range(40):
         for image in IMAGES:
             x = transform(image)

@@ -233,8 +233,10 @@ def validate(cfg: DictConfig) -> None:
         "measure.gflops_images",
     ):
         _positive_int(cfg, key)
+    workers = OmegaConf.select(cfg, "data.num_workers")
+    if workers != "auto":
+        _positive_int(cfg, "data.num_workers", minimum=0)
     for key in (
-        "data.num_workers",
         "data.split_seed",
         "data.max_shift",
         "measure.warmup",

@@ -4,8 +4,9 @@ from .base import ClassificationDataModule
 from .cluttered_mnist import ClutteredMNISTDataModule
 from .folder import BadImageError, DataLayoutError, ImageFolderDataModule, load_rgb, weights_relevant
 from .mnist import MNISTDataModule
+from .preprocess import Preprocessing, resolve_preprocessing
 from .synthetic import SyntheticDataModule
-from .transforms import deit_eval_transform, deit_train_transform
+from .transforms import deit_train_transform
 
 __all__ = [
     "BadImageError",
@@ -14,9 +15,10 @@ __all__ = [
     "DataLayoutError",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "Preprocessing",
     "SyntheticDataModule",
-    "deit_eval_transform",
     "deit_train_transform",
+    "resolve_preprocessing",
     "load_rgb",
     "weights_relevant",
 ]

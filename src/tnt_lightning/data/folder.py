@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -11,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 from ..config import UserError
+from ..results.keys import PREPROCESS_KEYS, comparable_preprocessing
 from .base import ClassificationDataModule
-from .transforms import AUGMENTATIONS, deit_eval_transform, train_transform
+from .preprocess import Preprocessing, resolve_preprocessing
+from .transforms import AUGMENTATIONS, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,10 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     ``val_split`` null (the default) takes the first of ``val``, ``validation``, ``test`` present,
     and says which. With ``imagenet: true`` the layout must be ImageNet-1K's: 1000 WordNet-id
-    folders per split. ``channels``, ``image_size`` and ``crop_pct`` are the data's (``input_size``):
-    a backbone that follows the data is built for them, a fixed-size one must agree.
+    folders per split. ``channels`` and ``image_size`` are the data's (``input_size``): a backbone
+    that follows the data is built for them, a fixed-size one must agree. ``preprocess`` holds the
+    resolved values of ``data.preprocess`` (:func:`tnt_lightning.tasks.inputs.resolve_inputs` fills
+    them in from the backbone); None is DeiT's recipe.
     """
 
     def __init__(
@@ -109,11 +113,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         test_split: str | None = None,
         channels: int = 3,
         image_size: int = 224,
-        crop_pct: float = 0.875,
+        preprocess: dict[str, Any] | None = None,
         augment: str = "deit",
         on_bad_image: str = "fail",
-        mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 8,
@@ -133,17 +135,14 @@ class ImageFolderDataModule(ClassificationDataModule):
             raise ValueError(f"data.channels={channels!r} must be 1 (greyscale) or 3 (RGB)")
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"data.image_size={image_size!r} must be a positive integer")
-        if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"data.crop_pct={crop_pct!r} must be in (0, 1]")
         self.root = Path(root).expanduser()
         self.imagenet = imagenet
         self.train_split = train_split
         self._val_split, self._test_split = val_split, test_split
-        self.channels, self.image_size, self.crop_pct = channels, image_size, crop_pct
+        self.channels, self.image_size = channels, image_size
         self.augment, self.on_bad_image = augment, on_bad_image
-        if len(mean) != channels or len(std) != channels:
-            mean, std = _per_channel(mean, channels), _per_channel(std, channels)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.preprocessing = _given_preprocessing(preprocess).for_channels(channels)
+        self.mean, self.std = self.preprocessing.mean, self.preprocessing.std
         self._classes: list[str] | None = None
         self._datasets: dict[str, CheckedImageFolder] = {}
 
@@ -234,11 +233,15 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         return classes
 
+    def preprocessing_record(self) -> dict[str, Any]:
+        p = self.preprocessing
+        return {**p.values(), "image_size": self.image_size, "origin": p.origin}
+
     def transform(self, train: bool):
         """The transform of the training split (``data.augment``) or of the evaluation splits."""
         if train:
-            return train_transform(self.augment, self.image_size, self.crop_pct, self.mean, self.std)
-        return deit_eval_transform(self.image_size, self.crop_pct, self.mean, self.std)
+            return train_transform(self.augment, self.image_size, self.preprocessing)
+        return self.preprocessing.eval_transform(self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         for s in ("fit", "test") if stage is None else (stage,):
@@ -275,6 +278,7 @@ def weights_relevant(data: dict[str, Any] | None) -> dict[str, Any] | None:
     """
     if not data:
         return data
+    data = comparable_preprocessing(data)
     ignored = {
         "num_workers",
         "pin_memory",
@@ -286,11 +290,19 @@ def weights_relevant(data: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in data.items() if k not in ignored}
 
 
-def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    """ImageNet's RGB statistics for a greyscale dataset: their mean over the channels."""
-    if channels == 1:
-        return (sum(values) / len(values),)
-    return tuple(values) * channels if len(values) == 1 else tuple(values)
+def _given_preprocessing(preprocess: dict[str, Any] | None) -> Preprocessing:
+    """The data module's preprocessing from resolved ``data.preprocess`` values (None: DeiT's)."""
+    if preprocess is None:
+        return resolve_preprocessing({"source": "deit"})
+    preprocess = dict(preprocess)
+    missing = [k for k in PREPROCESS_KEYS if preprocess.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"data.preprocess is not resolved ({missing} unset): run through run.py, or resolve it first "
+            f"with tnt_lightning.tasks.inputs.resolve_inputs(cfg)"
+        )
+    origin = preprocess.pop("origin", None) or "the values given in data.preprocess"
+    return dataclasses.replace(resolve_preprocessing({**preprocess, "source": "given"}), origin=origin)
 
 
 def _has_image(folder: Path) -> bool:

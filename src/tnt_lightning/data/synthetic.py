@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import TensorDataset
 
@@ -33,6 +35,9 @@ class SyntheticDataModule(ClassificationDataModule):
     @property
     def num_classes(self) -> int:
         return self._num_classes
+
+    def preprocessing_record(self) -> dict[str, Any]:
+        return {"origin": "data=synthetic: random tensors of the model's input shape, no preprocessing"}
 
     def _dataset(self) -> TensorDataset:
         g = torch.Generator().manual_seed(0)

@@ -6,6 +6,8 @@
   random erasing 0.25), as the paper's learned methods were trained on ImageNet;
 * ``light``: random-resized crop and horizontal flip only, for small or low-resolution datasets;
 * ``none``: the evaluation transform (resize, centre crop, normalise).
+
+Mean, std and interpolation are the backbone's (:mod:`.preprocess`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import RandAugment
 from torchvision import transforms
+
+from .preprocess import Preprocessing
 
 AUGMENTATIONS = ("deit", "light", "none")
 
@@ -46,27 +50,11 @@ def _robust_rand_augment(transform: transforms.Compose) -> transforms.Compose:
     return transform
 
 
-def deit_eval_transform(
-    image_size: int = 224,
-    crop_pct: float = 0.875,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> transforms.Compose:
-    """DeiT's evaluation transform: bicubic resize to 256 (= 224 / 0.875), centre crop 224, normalise."""
-    return transforms.Compose(
-        [
-            transforms.Resize(int(image_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-
-
 def deit_train_transform(
     image_size: int = 224,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    interpolation: str = "bicubic",
 ) -> transforms.Compose:
     """DeiT's training augmentation through timm (RandAugment m9, colour jitter 0.3, random erasing 0.25)."""
     transform = create_transform(
@@ -74,7 +62,7 @@ def deit_train_transform(
         is_training=True,
         color_jitter=0.3,
         auto_augment="rand-m9-mstd0.5-inc1",
-        interpolation="bicubic",
+        interpolation=interpolation,
         re_prob=0.25,
         re_mode="pixel",
         re_count=1,
@@ -88,12 +76,13 @@ def light_train_transform(
     image_size: int = 224,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    interpolation: str = "bicubic",
 ) -> transforms.Compose:
     """Random-resized crop (scale 0.35-1) and horizontal flip: enough for small, low-resolution data."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
-                image_size, scale=(0.35, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+                image_size, scale=(0.35, 1.0), interpolation=transforms.InterpolationMode(interpolation)
             ),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
@@ -102,18 +91,22 @@ def light_train_transform(
     )
 
 
-def train_transform(
-    augment: str,
-    image_size: int,
-    crop_pct: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> transforms.Compose:
-    """The training transform ``data.augment`` names (one of ``AUGMENTATIONS``)."""
+def train_transform(augment: str, image_size: int, preprocessing: Preprocessing) -> transforms.Compose:
+    """The training transform ``data.augment`` names (one of ``AUGMENTATIONS``).
+
+    Args:
+        augment: ``deit``, ``light`` or ``none``.
+        image_size: the side of the square crops.
+        preprocessing: the backbone's normalisation and interpolation (and crop, for ``none``).
+
+    Returns:
+        The transform from a PIL image to a normalised tensor.
+    """
+    p = preprocessing
     if augment == "deit":
-        return deit_train_transform(image_size, mean, std)
+        return deit_train_transform(image_size, p.mean, p.std, p.interpolation)
     if augment == "light":
-        return light_train_transform(image_size, mean, std)
+        return light_train_transform(image_size, p.mean, p.std, p.interpolation)
     if augment == "none":
-        return deit_eval_transform(image_size, crop_pct, mean, std)
+        return p.eval_transform(image_size)
     raise ValueError(f"data.augment={augment!r} is not one of {list(AUGMENTATIONS)}")

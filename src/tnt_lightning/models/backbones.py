@@ -101,7 +101,8 @@ class BackboneSpec:
     trust_pickle: bool = False
     release_url: str | None = None
     num_classes: int = 1000
-    input_size: tuple[int, int, int] = (3, 224, 224)
+    input_size: tuple[int, int, int] | None = (3, 224, 224)
+    preprocess: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     fused_attn: bool = True
     pruning: PruningDefaults = field(default_factory=PruningDefaults)
@@ -110,7 +111,12 @@ class BackboneSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.pruning, PruningDefaults):  # a dict, or Hydra's DictConfig
             self.pruning = PruningDefaults(**dict(self.pruning))
+        if self.input_size is None:
+            if self.timm_name is None:
+                raise ValueError(f"model {self.name!r}: model.input_size is required with model.arch")
+            self.input_size = timm_input_size(self.timm_name)
         self.input_size = tuple(int(s) for s in self.input_size)
+        self.preprocess = dict(self.preprocess)
         self.arch = dict(self.arch)
         self.pretrain = dict(self.pretrain)
         if (self.timm_name is None) == (not self.arch):
@@ -125,6 +131,33 @@ class BackboneSpec:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         if self.num_classes < 1:
             raise ValueError(f"model.num_classes={self.num_classes} must be a positive integer")
+
+
+def check_timm_name(timm_name: str) -> None:
+    """Refuse a name timm does not know, saying how to list the ones it does."""
+    if not timm.is_model(timm_name):
+        raise ConfigError(
+            f"model.timm_name={timm_name!r} is not a timm model; timm.list_models('vit_*') lists "
+            f"the VisionTransformers (a pretrained tag may follow: 'vit_base_patch16_224.augreg_in1k')"
+        )
+
+
+def timm_input_size(timm_name: str) -> tuple[int, int, int]:
+    """The input size of timm's pretrained configuration for ``timm_name`` (its tag decides).
+
+    Raises:
+        ConfigError: timm knows no such model or tag.
+    """
+    from timm.models import get_pretrained_cfg
+
+    check_timm_name(timm_name)
+    try:
+        pretrained = get_pretrained_cfg(timm_name)
+    except RuntimeError as e:  # an unknown tag
+        raise ConfigError(f"model.timm_name={timm_name!r}: {e}") from e
+    if pretrained is None or pretrained.input_size is None:
+        raise ConfigError(f"model.timm_name={timm_name!r} has no default input size: set model.input_size")
+    return tuple(pretrained.input_size)
 
 
 def check_patch_drop(settings: dict[str, Any]) -> None:
@@ -148,11 +181,7 @@ def create_model(spec: BackboneSpec) -> VisionTransformer:
     """
     kwargs = dict(num_classes=spec.num_classes, drop_path_rate=spec.drop_path_rate)
     if spec.timm_name is not None:
-        if not timm.is_model(spec.timm_name):
-            raise ConfigError(
-                f"model.timm_name={spec.timm_name!r} is not a timm model; timm.list_models('vit_*') lists "
-                f"the VisionTransformers (a pretrained tag may follow: 'vit_base_patch16_224.augreg_in1k')"
-            )
+        check_timm_name(spec.timm_name)
         model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     else:
         arch = dict(spec.arch)

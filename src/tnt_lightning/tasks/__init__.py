@@ -17,6 +17,7 @@ from ..config import ConfigError, Task, check_environment, validate
 from ..memory import keep_freed_memory
 from ..results import ResultsStore, StoreError, config_key
 from .interrupts import interruption_signals, outcome
+from .preflight import preflight
 from .records import current_attempt, new_run_id, process_rank
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,12 @@ def run_task(cfg: DictConfig) -> dict[str, Any] | None:
     128 + the signal's number; a failure is recorded and raised.
     """
     keep_freed_memory()  # a sweep's jobs share this process (memory.py)
+    from .inputs import resolve_inputs  # timm's metadata: imported once a run starts
+
+    resolve_inputs(cfg)  # the resolved preprocessing goes into the record and the key
     validate(cfg)
     check_environment(cfg)
+    preflight(cfg)  # the method on the backbone, before any record or logger (preflight.py)
     store = ResultsStore(cfg.paths.results_dir)
     try:
         store.check_writable()

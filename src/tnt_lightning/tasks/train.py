@@ -50,6 +50,7 @@ from ..models import (
     state_dict_of,
 )
 from ..models.artefact_io import checksum_matches, checksum_problem
+from ..results.keys import comparable_preprocessing
 from ..results.store import write_atomic
 from .common import make_trainer, pretrain_fn
 
@@ -126,7 +127,8 @@ def backbone_identity(spec: BackboneSpec, cache_dir: str) -> dict[str, Any]:
 
 
 def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> dict[str, Any]:
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in DATA_VOLATILE}
+    data = comparable_preprocessing(OmegaConf.to_container(cfg.data, resolve=True))
+    data = {k: v for k, v in data.items() if k not in DATA_VOLATILE}
     rec = {
         k: v for k, v in OmegaConf.to_container(recipe(cfg), resolve=True).items() if k not in RECIPE_VOLATILE
     }
@@ -223,10 +225,11 @@ def fit(
         )
     ckpt_path = str(checkpoints.path) if start is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    accuracy = module.accuracy("val")
     metrics = {
-        "val_acc1": val["val/acc1"],
-        "val_acc1_full": val["val/acc1_full"],
+        "val_acc1": accuracy["acc1"],
+        "val_acc1_full": accuracy["acc1_full"],
         "lr": lr,
         "total_batch": total_batch,
         "epochs": rec.epochs,

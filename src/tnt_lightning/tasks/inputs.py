@@ -1,0 +1,52 @@
+"""A run's inputs settled before anything runs: the backbone's input size and preprocessing.
+
+The resolved values are written into the config itself, so that the run's record and its
+experiment key hold what was used, not only where it was asked to come from.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..data.preprocess import Preprocessing, resolve_preprocessing
+from ..models.backbones import timm_input_size
+
+log = logging.getLogger(__name__)
+
+
+def resolve_inputs(cfg: DictConfig) -> Preprocessing | None:
+    """Fill in ``model.input_size`` (null: timm's for ``model.timm_name``) and ``data.preprocess``
+    (:func:`~tnt_lightning.data.preprocess.resolve_preprocessing`), in place, once.
+
+    Args:
+        cfg: the composed run config.
+
+    Returns:
+        The resolved preprocessing, or None for data that has none (MNIST, synthetic tensors).
+    """
+    timm_name = cfg.model.get("timm_name")
+    if cfg.model.get("input_size") is None and timm_name:
+        cfg.model.input_size = list(timm_input_size(timm_name))
+    preprocess = cfg.data.get("preprocess")
+    if preprocess is None:
+        return None
+    asked = OmegaConf.to_container(preprocess, resolve=True)
+    if asked.get("origin"):  # resolved already (a run's own config, or a DDP rank's second call)
+        return Preprocessing(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in asked.items() if k != "source"}
+        )
+    pinned = cfg.model.get("preprocess")
+    resolved = resolve_preprocessing(
+        asked,
+        timm_name=timm_name,
+        pinned=OmegaConf.to_container(pinned, resolve=True) if pinned is not None else None,
+        model_name=cfg.model.name,
+    )
+    with open_dict(cfg.data.preprocess):
+        for key, value in resolved.values().items():
+            cfg.data.preprocess[key] = value
+        cfg.data.preprocess.origin = resolved.origin
+    log.info("preprocessing: %s", resolved.describe())
+    return resolved
