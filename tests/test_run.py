@@ -38,6 +38,12 @@ def test_default_run_trains_vit_mnist_once_and_reports_real_accuracy(default_run
     assert set(m) >= {"acc1", "acc5", "gflops", "throughput_img_s", "params_m"}
     assert m["gflops"] == pytest.approx(0.01201, abs=5e-5)
     assert set(record["env"]) >= {"torch", "timm", "lightning", "device", "git_commit"}
+    # what the accuracy is: correct / total of the images evaluated, not a float32 mean
+    details = record["details"]
+    assert details["images_evaluated"] == 1000
+    assert m["acc1"] == 100.0 * details["correct"]["top1"] / 1000
+    assert m["acc5"] == 100.0 * details["correct"]["top5"] / 1000
+    assert details["preprocessing"]["mean"] == [0.1307] and "MNIST" in details["preprocessing"]["origin"]
     assert record["config"]["model"]["name"] == "vit_mnist"
     assert f"top-1 {m['acc1']:.2f}%" in proc.stdout and "results:" in proc.stdout
     assert len(list((root / "cache" / "backbones").glob("vit_mnist-*.pth"))) == 1
@@ -93,3 +99,30 @@ def test_results_lines_are_whole_json(tmp_path):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["run_id"] for line in lines] == ["0", "1", "2"]
     assert not list(tmp_path.glob(".results-*"))
+
+
+def test_multi_layer_tome_records_the_r_that_ran_not_a_keep_rate(tmp_path):
+    from conftest import compose_config
+    from tnt_lightning.tasks import run_task
+
+    overrides = [
+        "model=timm",
+        "model.timm_name=vit_tiny_patch16_224",
+        "model.weights=random",
+        "data=synthetic",
+    ]
+    cfg = compose_config(
+        [
+            *overrides,
+            "data=synthetic",
+            "method=tome",
+            "schedule=multi",
+            "method.r=8",
+            "measure.throughput=false",
+        ],
+        tmp_path,
+    )
+    record = run_task(cfg)
+    assert record["status"] == "ok"
+    assert record["keep_rate"] is None
+    assert record["schedule"]["rates"] is None and record["schedule"]["r"] == [8] * 12

@@ -6,15 +6,40 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from .optim import OptimConfig, build_optimizer
+
+
+class TopKCorrect(Metric):
+    """How many images had their label among the ``k`` highest logits, and how many were seen.
+
+    Counted in integers (summed over DDP processes), so an accuracy is exactly correct / total
+    rather than a float32 mean.
+    """
+
+    full_state_update = False
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        top = logits.topk(self.k, dim=-1).indices
+        self.correct += (top == target[:, None]).any(dim=-1).sum()
+        self.total += target.numel()
+
+    def compute(self) -> tuple[int, int]:
+        return int(self.correct), int(self.total)
 
 
 class ImageClassifier(L.LightningModule):
     """A classifier around ``model``; only parameters with ``requires_grad`` are trained.
 
-    Accuracies are logged in percent as ``{val,test}/acc1`` and ``{val,test}/acc5``.
+    Accuracies are logged in percent as ``{val,test}/acc1`` and ``{val,test}/acc5``; the counts
+    behind the last evaluation of each stage are in :attr:`counts` (:meth:`accuracy` reads them).
     """
 
     def __init__(
@@ -31,11 +56,12 @@ class ImageClassifier(L.LightningModule):
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
-                f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                f"{stage}_{name}": TopKCorrect(k)
                 for stage in ("val", "test")
                 for name, k in (("acc1", 1), ("acc5", top5))
             }
         )
+        self.counts: dict[str, dict[str, int]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -55,10 +81,29 @@ class ImageClassifier(L.LightningModule):
             self.metrics[f"{stage}_{name}"].update(logits, y)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        counts = {}
         for name in ("acc1", "acc5"):
             metric = self.metrics[f"{stage}_{name}"]
-            self.log(f"{stage}/{name}", 100.0 * metric.compute(), prog_bar=name == "acc1")
+            correct, total = metric.compute()
+            counts[f"correct_{name[3:]}"], counts["images"] = correct, total
+            self.log(f"{stage}/{name}", 100.0 * correct / max(total, 1), prog_bar=name == "acc1")
             metric.reset()
+        self.counts[stage] = counts
+
+    def accuracy(self, stage: str) -> dict[str, float | int]:
+        """Top-1 and top-5 accuracy in percent of the last ``stage`` evaluation, computed from the
+        integer counts (``acc1``, ``acc5``), with the counts (``correct_1``, ``correct_5``,
+        ``images``).
+
+        Args:
+            stage: ``val`` or ``test``.
+
+        Returns:
+            The accuracies and counts.
+        """
+        c = self.counts[stage]
+        total = max(c["images"], 1)
+        return {"acc1": 100.0 * c["correct_1"] / total, "acc5": 100.0 * c["correct_5"] / total, **c}
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

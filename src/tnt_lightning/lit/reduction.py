@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from ..methods.learned import LearnedReducer
-from .classifier import ImageClassifier
+from .classifier import ImageClassifier, TopKCorrect
 from .optim import OptimConfig, build_optimizer
 
 
@@ -59,8 +58,8 @@ class TokenReductionModule(ImageClassifier):
             )
         self.strict_loading = False  # checkpoints hold only the trained parameters
         for stage in ("val", "test"):
-            self.metrics[f"{stage}_acc1_full"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.acc1_full: dict[str, torch.Tensor] = {}
+            self.metrics[f"{stage}_acc1_full"] = TopKCorrect(1)
+        self.acc1_full: dict[str, float] = {}
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -111,10 +110,12 @@ class TokenReductionModule(ImageClassifier):
         value = self.acc1_full.get(stage)
         if value is None:
             metric = self.metrics[f"{stage}_acc1_full"]
-            value = 100.0 * metric.compute()
+            correct, total = metric.compute()
+            value = 100.0 * correct / max(total, 1)
             metric.reset()
             if not self.trainer.sanity_checking and self.teacher is None:  # sanity: a few batches only
                 self.acc1_full[stage] = value
+        self.counts[stage]["acc1_full"] = value
         self.log(f"{stage}/acc1_full", value)
 
     def configure_optimizers(self):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,6 +71,12 @@ class ToMe(TokenReducer):
             )
         r = [int(r)] * len(blocks) if isinstance(r, int) else [int(v) for v in r]
         return cls(blocks, r, **options)
+
+    def resolved_schedule(self) -> dict[str, Any]:
+        """Multi-layer ToMe runs on ``method.r``, not on keep rates: the record says r per block."""
+        if self.strict_half:
+            return {}
+        return {"rates": None, "r": [self.r[b] for b in sorted(self.r)]}
 
     def bind(self, info) -> None:
         if info.num_prefix > 2:

@@ -131,7 +131,7 @@ def record_setting(record: dict[str, Any]) -> Setting:
     schedule = record.get("schedule") or {}
     config_schedule = (record.get("config") or {}).get("schedule") or {}
     name = schedule.get("name") or config_schedule.get("name", "single")
-    keep_rate = float(record["keep_rate"])
+    keep_rate = None if record["keep_rate"] is None else float(record["keep_rate"])
     if name == "single":
         return Setting("single", keep_rate=keep_rate)
     config_method = (record.get("config") or {}).get("method") or {}

@@ -176,11 +176,12 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
             if drop_hook is not None:
                 drop_hook.remove()
                 model.patch_drop = nn.Identity()
-        (result,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
         model.cpu().eval()
+        accuracy = module.accuracy("val")
         return {
-            "val_acc1": result["val/acc1"],
-            "val_acc5": result["val/acc5"],
+            "val_acc1": accuracy["acc1"],
+            "val_acc5": accuracy["acc5"],
             "epochs": recipe.epochs,
             "resumed_from_epoch": start["epochs_done"] if start is not None else None,
         }
@@ -211,10 +212,10 @@ def format_summary(record: dict[str, Any]) -> str:
         )
     if m.get("params_m") is not None:
         parts.append(f"params {m['params_m']:.3f}M")
-    head = (
-        f"{record['task']}: {record['model']} / {record['method']} (keep_rate={record['keep_rate']}) "
-        f"on {record['data']}"
-    )
+    knob = f"keep_rate={record['keep_rate']}"
+    if record["keep_rate"] is None and (record.get("schedule") or {}).get("r") is not None:
+        knob = f"r={record['schedule']['r']}"
+    head = f"{record['task']}: {record['model']} / {record['method']} ({knob}) on {record['data']}"
     status = "" if record["status"] == "ok" else f"  [{record['status']}: {record['error']['message']}]"
     lines = [head + status, "  " + "  ".join(parts)] if parts else [head + status]
     return "\n".join([*lines, f"  run {record['run_id']}"])

@@ -79,6 +79,8 @@ def build_pruned_model(
         cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
     )
     recorder.fields["schedule"] = schedule
+    if schedule["name"] != "none" and schedule.get("rates") is None:  # driven by its own knob (ToMe's r)
+        recorder.fields["keep_rate"] = None
     learned = isinstance(reducer, LearnedReducer) and has_labels
     if reducer is not None:
         reducer.bind(backbone_info(model))
@@ -144,6 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if datamodule.has_labels:
             datamodule.check(("test",))
         check_data_fits_model(datamodule, spec)
+        recorder.details["preprocessing"] = datamodule.preprocessing_record()
 
         model = build_pruned_model(cfg, spec, datamodule.has_labels, loggers, recorder)
         recorder.metrics.update(count_parameters(model))
@@ -157,8 +160,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
             # verbose=False: Lightning's metric box repeats what the summary prints (verbose=true keeps it)
             classifier = ImageClassifier(model, datamodule.num_classes)
-            (result,) = trainer.test(classifier, datamodule=datamodule, verbose=bool(cfg.verbose))
-            recorder.metrics.update(acc1=result["test/acc1"], acc5=result["test/acc5"])
+            trainer.test(classifier, datamodule=datamodule, verbose=bool(cfg.verbose))
+            accuracy = classifier.accuracy("test")
+            recorder.metrics.update(acc1=accuracy["acc1"], acc5=accuracy["acc5"])
+            recorder.details["images_evaluated"] = accuracy["images"]
+            recorder.details["correct"] = {"top1": accuracy["correct_1"], "top5": accuracy["correct_5"]}
             if getattr(datamodule, "bad_images", 0):  # data.on_bad_image=skip left these out
                 recorder.details["bad_images"] = datamodule.bad_images
                 recorder.details["bad_image_paths"] = [str(p) for p in datamodule.bad_image_paths]
