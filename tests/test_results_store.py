@@ -221,10 +221,12 @@ def test_what_changes_a_result_changes_its_key(change, tmp_path):
     [
         (["method=none"], ["keep_rate=0.3", "schedule=multi"]),
         (["task=pretrain"], ["keep_rate=0.3", "method=topk", "method=tnt", "schedule=multi"]),
+        (["method=tome", "schedule=multi", "method.r=8"], ["keep_rate=0.3", "schedule.rates=[0.7]"]),
     ],
 )
 def test_what_cannot_change_a_result_is_left_out_of_its_key(fixed, changes, tmp_path):
-    """An unpruned evaluation is one experiment whatever the keep rate; so is a pretraining."""
+    """An unpruned evaluation is one experiment whatever the keep rate; so is a pretraining, and
+    multi-layer ToMe driven by ``method.r``."""
     base = config_key(container(compose_config(fixed, tmp_path)))
     for change in changes:
         assert config_key(container(compose_config([*fixed, change], tmp_path))) == base, change

@@ -16,6 +16,8 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
 * left out where they cannot matter (since v3): the keep rate and schedule of an unpruned run
   (``method=none``), and the method, keep rate and schedule of ``task=pretrain`` (which trains
   the backbone alone), so a sweep over methods and keep rates evaluates the unpruned model once;
+  since v5 also the keep rate and schedule rates of multi-layer ToMe driven by ``method.r``, so a
+  sweep over keep rates runs it once per ``r``;
 * a data set's training-recipe overrides (``data.train_overrides``) count only for the method they
   adapt (since v4): their common keys and the run's method's own mapping, for a method that
   trains (never for ``task=pretrain``); so changing dTPS's override leaves every other method's
@@ -35,7 +37,7 @@ import hashlib
 import json
 from typing import Any
 
-CONFIG_KEY_VERSION = 4
+CONFIG_KEY_VERSION = 5
 
 TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
 DATA_HOW = ("root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
@@ -159,7 +161,21 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(kept.get("method"), dict) and kept["method"].get("name") == "none":
         kept.pop("keep_rate", None)
         kept.pop("schedule", None)
+    elif _driven_by_r(kept):
+        kept.pop("keep_rate", None)
+        kept["schedule"].pop("rates", None)
     return kept
+
+
+def _driven_by_r(kept: dict[str, Any]) -> bool:
+    """Multi-layer ToMe with ``method.r``: it merges r tokens per block and reads no keep rate."""
+    method, schedule = kept.get("method"), kept.get("schedule")
+    return (
+        isinstance(method, dict)
+        and method.get("r") is not None
+        and isinstance(schedule, dict)
+        and schedule.get("name") == "multi"
+    )
 
 
 def config_key(config: dict[str, Any]) -> str:
