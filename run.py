@@ -41,4 +41,13 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
+    from tnt_lightning.sweep_keys import check_sweep_overrides
+
+    try:  # a key override on a swept group, before Hydra composes the sweep (sweep_keys.py)
+        sys.argv[1:] = check_sweep_overrides(sys.argv[1:], CONF_DIR)
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -198,6 +198,31 @@ def test_the_sweep_report_tells_recorded_skipped_and_failed_jobs(tmp_path, capsy
     assert capsys.readouterr().out.split("sweep done, ", 1)[1].splitlines()[2:] == table[2:]
 
 
+def test_a_key_override_on_a_swept_group_reaches_every_job(tmp_path):
+    """Hydra sets it on the sweep's first config, composed at the default method=none, which lacks
+    it; every swept method has it, so every job gets it."""
+    args = ["-m", "method=topk,random", "method.single_block=3", "data=synthetic", "measure.throughput=false"]
+    proc = run_py([*args, "logger=csv"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_records(tmp_path / "results")
+    assert {
+        r["method"]: (r["config"]["method"]["single_block"], r["schedule"]["blocks"]) for r in records
+    } == {
+        "topk": (3, [3]),
+        "random": (3, [3]),
+    }
+
+
+def test_a_key_some_swept_methods_lack_stops_the_sweep_before_any_job(tmp_path):
+    args = ["-m", "method=tome,topk", "method.r=8", "schedule=multi", "data=synthetic"]
+    proc = run_py(args, tmp_path, timeout=120, env={"HYDRA_FULL_ERROR": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: method.r=8: method.r is a key of method=tome but not of method=topk"), line
+    assert "nothing was run" in line and "++method.r=8" in line
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "results").exists()
+
+
 def test_slurm_dry_run_prints_the_array_submission(tmp_path):
     env = {**os.environ, "TNT_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
