@@ -479,7 +479,7 @@ def test_official_rounding_option_rounds_the_training_step_only_and_keys_the_art
             losses.append(reducer.training_loss(model, x, y, 0.0).loss)
         assert not official_rounding_enabled()
     assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
-    cfg = compose_config(["method=dtps", "model=vit_cmnist", "+method.official_rounding=true"], tmp_path)
+    cfg = compose_config(["method=dtps", "model=vit_cmnist", "method.official_rounding=true"], tmp_path)
     spec = instantiate(cfg.model)
     reducer, record = build_reducer(
         cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))

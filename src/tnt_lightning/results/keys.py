@@ -65,6 +65,7 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "data.image_size": {"mnist": 28},
     "model.trust_pickle": (False,),
     "method.trust_pickle": (False,),
+    "method.official_rounding": (False,),
     "visualize.allow_random_weights": (False,),
     "measure.gflops_images": (100,),
     "method.train.backbone_lr_scale": (0.0,),
