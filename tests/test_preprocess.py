@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
@@ -169,49 +171,43 @@ def test_timm_model_takes_its_own_input_size(tmp_path):
     assert list(cfg.model.input_size) == [3, 384, 384] and list(cfg.data.input_size) == [3, 384, 384]
 
 
-def old_layout(config: dict, **data) -> dict:
-    """A record's config as written before ``data.preprocess`` existed."""
-    old = json.loads(json.dumps(config))
-    old["data"].pop("preprocess")
-    old["data"].update(crop_pct=0.875, **data)
-    return old
+OLD_RECORDS = Path(__file__).parent / "data" / "records_before_preprocess.json"
 
 
 def resolved_config(tmp_path, *overrides: str) -> dict:
-    from omegaconf import OmegaConf
-
-    cfg = compose_config(["data=imagefolder", f"data.root={tmp_path}", *overrides], tmp_path)
+    cfg = compose_config(["data=imagenet", "data.root=/data/imagenet", *overrides], tmp_path)
     resolve_inputs(cfg)
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def test_deit_records_keep_their_keys_and_timm_records_do_not_match_new_preprocessing(tmp_path):
+def test_deit_records_keep_matching_and_timm_records_match_deit_preprocessing_only(tmp_path):
+    """Configs of real records written by the code before ``data.preprocess`` (3db31eb, ``data=imagenet``):
+    the DeiT one matches the same command now; the ``model=timm`` one, made with DeiT's preprocessing
+    whatever the backbone, matches ``data.preprocess.source=deit`` and never the backbone's own."""
+    old = json.loads(OLD_RECORDS.read_text())
     deit = resolved_config(tmp_path, "model=deit_small_distilled")
-    assert config_key(deit) == config_key(old_layout(deit))
-    assert weights_relevant(deit["data"]) == weights_relevant(old_layout(deit)["data"])
+    assert config_key(deit) == config_key(old["deit"]["config"])
+    assert weights_relevant(deit["data"]) == weights_relevant(old["deit"]["config"]["data"])
 
-    augreg = resolved_config(tmp_path, "model=timm", "model.timm_name=vit_tiny_patch16_224")
-    old_timm_record = old_layout(augreg)  # made with DeiT's preprocessing, whatever the backbone
-    assert config_key(augreg) != config_key(old_timm_record)
-    as_deit = resolved_config(
-        tmp_path, "model=timm", "model.timm_name=vit_tiny_patch16_224", "data.preprocess.source=deit"
-    )
-    assert config_key(as_deit) == config_key(old_timm_record)
+    timm_record = old["timm"]["config"]
+    augreg = resolved_config(tmp_path, *AUGREG_TINY)
+    assert config_key(augreg) != config_key(timm_record)
+    as_deit = resolved_config(tmp_path, *AUGREG_TINY, "data.preprocess.source=deit")
+    assert config_key(as_deit) == config_key(timm_record)
     # the undocumented workaround of before (+data.mean, +data.std, data.crop_pct=0.9) ran AugReg's values
-    workaround = old_layout(augreg, mean=[0.5] * 3, std=[0.5] * 3)
-    workaround["data"]["crop_pct"] = 0.9
+    workaround = json.loads(json.dumps(timm_record))
+    workaround["data"].update(mean=[0.5] * 3, std=[0.5] * 3, crop_pct=0.9)
     assert config_key(augreg) == config_key(workaround)
     # how the values were found is not part of the key
+    values = [
+        "mean=[0.5,0.5,0.5]",
+        "std=[0.5,0.5,0.5]",
+        "crop_pct=0.9",
+        "crop_mode=center",
+        "interpolation=bicubic",
+    ]
     given = resolved_config(
-        tmp_path,
-        "model=timm",
-        "model.timm_name=vit_tiny_patch16_224",
-        "data.preprocess.source=given",
-        "data.preprocess.mean=[0.5,0.5,0.5]",
-        "data.preprocess.std=[0.5,0.5,0.5]",
-        "data.preprocess.crop_pct=0.9",
-        "data.preprocess.crop_mode=center",
-        "data.preprocess.interpolation=bicubic",
+        tmp_path, *AUGREG_TINY, "data.preprocess.source=given", *[f"data.preprocess.{v}" for v in values]
     )
     assert config_key(given) == config_key(augreg)
 

@@ -146,6 +146,8 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         kept["visualize"] = {k: v for k, v in kept["visualize"].items() if k != "out_dir"}
     else:
         kept.pop("visualize", None)
+    if isinstance(kept.get("model"), dict):  # pins of its preprocessing: counted in data's values
+        kept["model"] = {k: v for k, v in kept["model"].items() if k != "preprocess"}
     if isinstance(kept.get("data"), dict):
         kept["data"] = comparable_preprocessing({k: v for k, v in kept["data"].items() if k not in DATA_HOW})
         _keep_own_train_overrides(kept)
