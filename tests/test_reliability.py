@@ -169,3 +169,49 @@ def test_the_ranks_of_one_ddp_job_train_a_shared_artefact_once_together(tmp_path
         assert sorted(queue.get(timeout=5) for _ in procs) == [(0, *expected), (1, *expected)]
     workdir = next((tmp_path / "cache" / "methods").glob("tnt-*"))
     assert (workdir / "trained.pth").is_file() and not list(workdir.glob(".decision-*"))
+
+
+TWO_SIGTERMS = """
+import sys, time
+from omegaconf import OmegaConf
+from tnt_lightning.tasks import records
+from tnt_lightning.tasks.interrupts import JobInterrupted, interruption_signals
+
+records.process_rank = lambda: 0
+
+
+def slow_environment(device=None):  # stands for the imports and git calls of a real record
+    print("building the record", flush=True)
+    time.sleep(1.0)
+    return {}
+
+
+records.environment = slow_environment
+cfg = OmegaConf.create({
+    "task": "eval", "paths": {"results_dir": sys.argv[1]}, "model": {"name": "vit"},
+    "method": {"name": "topk"}, "keep_rate": 0.5, "schedule": {"name": "constant"},
+    "data": {"name": "synthetic"}, "seed": 0, "sweep_name": None,
+})
+try:
+    with interruption_signals(), records.RunRecorder(cfg):
+        print("running", flush=True)
+        time.sleep(60)
+except JobInterrupted as e:
+    sys.exit(e.exit_code)
+"""
+
+
+def test_a_second_sigterm_while_the_record_is_built_does_not_lose_it(tmp_path):
+    """Signals are held for the whole record write (built, then appended), not only the append."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TWO_SIGTERMS, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "running"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "building the record"
+    time.sleep(0.07)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    (record,) = read_records(tmp_path, history=True)
+    assert record["status"] == "interrupted" and record["error"]["message"] == "stopped by SIGTERM"

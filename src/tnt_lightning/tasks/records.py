@@ -100,19 +100,21 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        status, _ = outcome(exc, tb)
-        error = None
-        if exc is not None:
-            error = {
-                "type": exc_type.__name__,
-                "message": str(exc) or repr(exc),
-                "traceback": "".join(traceback.format_tb(tb)),
-            }
-        self.record = self.build(status, error)
-        if process_rank() == 0:  # one record per job, not one per DDP process
-            with signals_deferred():
+        # Stop signals wait until the record is written: a second SIGTERM while it is built (imports,
+        # git) would otherwise end the job without one.
+        with signals_deferred():
+            status, _ = outcome(exc, tb)
+            error = None
+            if exc is not None:
+                error = {
+                    "type": exc_type.__name__,
+                    "message": str(exc) or repr(exc),
+                    "traceback": "".join(traceback.format_tb(tb)),
+                }
+            self.record = self.build(status, error)
+            if process_rank() == 0:  # one record per job, not one per DDP process
                 path = ResultsStore(self.cfg.paths.results_dir).append(self.record)
-            log.info("recorded run %s (%s) in %s", self.run_id, status, path)
+                log.info("recorded run %s (%s) in %s", self.run_id, status, path)
         return False
 
     def build(self, status: str, error: dict | None) -> dict[str, Any]:
