@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -320,3 +321,275 @@ def test_records_from_before_the_new_data_and_loading_keys_keep_their_key(overri
     assert config_key(new) == config_key(old)
     new["data"]["augment"] = "none"
     assert config_key(new) != config_key(old)
+
+
+# ---------------------------------------------------------------------- integrity (issue 27)
+
+HOLDER = """
+import json, sys
+from tnt_lightning.results import CONFIG_KEY_VERSION, ResultsStore
+root, key, attempt = sys.argv[1:4]
+store = ResultsStore(root)
+admission = store.begin("eval", key, attempt, skip_recorded=True)
+print("claimed" if admission.claim else "not claimed", flush=True)
+sys.stdin.readline()  # told to finish
+store.append({"run_id": attempt, "task": "eval", "status": "ok", "config_key": key,
+              "config_key_version": CONFIG_KEY_VERSION, "attempt_id": attempt})
+admission.claim.release()
+print("recorded", flush=True)
+"""
+
+
+def _holder(root, key: str, attempt: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), key, attempt],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "claimed"
+    return proc
+
+
+def _age(path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_a_stopped_jobs_claim_is_never_taken_over_and_doctor_releases_it_on_request(tmp_path, capsys):
+    """A job stopped with SIGSTOP (Ctrl-Z) for longer than the heartbeat allows keeps its claim: its
+    pid is alive on this host. doctor shows it as stopped and releases it when asked; the job,
+    continued, finds its claim gone and its record does not count as the experiment's result."""
+    key = "f" * 16
+    store = ResultsStore(tmp_path)
+    stopped = _holder(tmp_path, key, "stopped")
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        claim = store.claims_dir / f"eval-{key}.json"
+        _age(claim, CLAIM_STALE_S + 60)  # no heartbeat for 6 minutes
+        second = store.begin("eval", key, "second", skip_recorded=True)
+        assert second.claim is None and second.running_elsewhere["attempt_id"] == "stopped"
+        assert store.stale_claims() == []
+        assert doctor(tmp_path, repair=True) == 0 and claim.exists()  # a repair never releases a live claim
+        assert "stopped" in capsys.readouterr().out
+        assert doctor(tmp_path, repair=False, release=[key]) == 0 and not claim.exists()
+        second = store.begin("eval", key, "second", skip_recorded=True)
+        assert second.claim is not None
+        store.append(record(2, key=key, attempt_id="second"))
+        second.claim.release()
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    out, _ = stopped.communicate("\n", timeout=30)
+    assert stopped.returncode == 0 and "recorded" in out
+    history = read_records(tmp_path, history=True)
+    assert [(r["run_id"], r["status"]) for r in history] == [("run2", "ok"), ("stopped", "claim_lost")]
+    assert [r["run_id"] for r in read_records(tmp_path)] == ["run2"]
+    assert store.recorded("eval", key)["run_id"] == "run2"
+    assert doctor(tmp_path, repair=False) == 0
+
+
+def test_a_record_written_after_the_claim_was_taken_over_never_counts(tmp_path):
+    """The claim is checked again, under the lock, when the record is written: a job whose claim
+    another job took over (here: the claim file now names another attempt) records ``claim_lost``,
+    which is kept in the history but is never the experiment's current record."""
+    key = "c" * 16
+    store = ResultsStore(tmp_path)
+    first = _holder(tmp_path, key, "first")
+    claim = store.claims_dir / f"eval-{key}.json"
+    other = {**json.loads(claim.read_text()), "attempt_id": "other", "pid": os.getpid()}
+    claim.write_text(json.dumps(other))  # what a takeover leaves
+    store.append(record(5, key=key, attempt_id="other"))
+    out, _ = first.communicate("\n", timeout=30)
+    assert first.returncode == 0
+    statuses = [(r["run_id"], r["status"]) for r in read_records(tmp_path, history=True)]
+    assert statuses == [("run5", "ok"), ("first", "claim_lost")]
+    assert json.loads(claim.read_text())["attempt_id"] == "other"  # the other job's claim is kept
+    assert store.recorded("eval", key)["run_id"] == "run5"
+
+
+def _tear_line(path, number: int) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[number - 1] = lines[number - 1][: len(lines[number - 1]) // 2] + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+def test_repair_of_a_torn_ok_line_leaves_no_index_entry_pointing_at_it(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    store.append(record(1, key="a" * 16))
+    store.append(record(2, key="b" * 16))
+    _tear_line(store.path, 1)
+    assert doctor(tmp_path, repair=False) == 1
+    out = capsys.readouterr().out
+    assert "line 1" in out and "index" in out and "a" * 16 in out  # the entry without its line
+    assert doctor(tmp_path, repair=True) == 0
+    assert store.recorded("eval", "a" * 16) is None  # runs again, as read_records and reports say
+    assert [r["run_id"] for r in read_records(tmp_path)] == ["run2"]
+    assert doctor(tmp_path, repair=False) == 0
+
+
+def test_an_index_entry_that_disagrees_with_the_view_is_reported_and_repaired(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    store.append(record(1, key="a" * 16))
+    store._write_index("eval", "9" * 16, record(9, key="9" * 16))  # an entry with no line
+    assert doctor(tmp_path, repair=False) == 1
+    assert "9" * 16 in capsys.readouterr().out
+    assert doctor(tmp_path, repair=True) == 0 and store.recorded("eval", "9" * 16) is None
+    assert doctor(tmp_path, repair=False) == 0
+
+
+def _short_writes(monkeypatch, fail_after_first: bool = False):
+    """os.write as a full disk or a signal-interrupted write may do it: half of a long buffer."""
+    real, calls = os.write, []
+
+    def write(fd, data):
+        if len(data) < 200:
+            return real(fd, data)
+        calls.append(len(data))
+        if fail_after_first and len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(fd, bytes(data)[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", write)
+    return calls
+
+
+def test_an_append_writes_the_whole_line_through_short_writes(tmp_path, monkeypatch):
+    store = ResultsStore(tmp_path)
+    calls = _short_writes(monkeypatch)
+    for i in range(3):
+        store.append(record(i, payload="x" * 5000))
+    assert len(calls) > 3 and store.damaged_lines() == []
+    assert [r["run_id"] for r in read_records(tmp_path)] == ["run0", "run1", "run2"]
+
+
+def test_an_append_that_cannot_finish_leaves_nothing_behind(tmp_path, monkeypatch):
+    from tnt_lightning.results import StoreError
+
+    store = ResultsStore(tmp_path)
+    store.append(record(0))
+    before = store.path.read_bytes()
+    _short_writes(monkeypatch, fail_after_first=True)
+    with pytest.raises(StoreError, match="No space left"):
+        store.append(record(1, payload="x" * 5000))
+    assert store.path.read_bytes() == before and store.recorded("eval", f"{1:016x}") is None
+
+
+def test_a_deleted_index_file_and_the_duplicate_it_caused_are_reported_and_repaired(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    store.append(record(1, key="a" * 16))
+    store._index_file("eval", "a" * 16).unlink()
+    assert doctor(tmp_path, repair=False) == 1
+    assert "missing" in capsys.readouterr().out
+    again = store.begin("eval", "a" * 16, "again", skip_recorded=True)  # the index says: not recorded
+    assert again.claim is not None
+    store.append(record(2, key="a" * 16, attempt_id="again"))
+    again.claim.release()
+    assert doctor(tmp_path, repair=False) == 1
+    assert "duplicate" in capsys.readouterr().out
+    assert doctor(tmp_path, repair=True) == 0
+    assert [r["run_id"] for r in read_records(tmp_path, history=True)] == ["run1"]  # the first stays
+    assert store.recorded("eval", "a" * 16)["run_id"] == "run1"
+    (aside,) = tmp_path.glob("results.jsonl.duplicates-*")
+    assert json.loads(aside.read_text())["run_id"] == "run2"  # kept aside, not lost
+    assert doctor(tmp_path, repair=False) == 0
+
+
+def test_a_deliberate_rerun_is_not_a_duplicate(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(record(1, key="a" * 16))
+    store.append(record(2, key="a" * 16, config={"skip_recorded": False}))
+    assert doctor(tmp_path, repair=False) == 0
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+from tnt_lightning.models import artefact_io
+artefact_io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed before the rename
+artefact_io.save_artefact({"w": torch.zeros(1000)}, __import__("pathlib").Path(sys.argv[1]))
+"""
+
+
+def test_temporary_files_of_killed_writes_are_removed_by_the_next_write_and_by_doctor(tmp_path):
+    from tnt_lightning.models.artefact_io import save_artefact
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / "head.pth"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(target)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL and len(list(cache.glob(".head.pth.*.tmp"))) == 1
+    save_artefact({"w": 1}, target)
+    assert sorted(p.name for p in cache.iterdir()) == ["head.pth", "head.pth.sha256"]
+
+    subprocess.run([sys.executable, "-c", KILLED_SAVE, str(target)], env=env, timeout=120)
+    store = ResultsStore(tmp_path / "results")
+    store.append(record(1))
+    index_tmp = store.index_dir / ".VERSION.999999999.tmp"  # a pid that cannot be alive
+    index_tmp.write_text("half")
+    assert doctor(store.root, repair=False, cache_dir=cache) == 1
+    assert doctor(store.root, repair=True, cache_dir=cache) == 0
+    assert not list(cache.glob("*.tmp")) and not list(store.root.rglob("*.tmp"))
+
+
+def test_every_file_of_the_store_honours_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        store = ResultsStore(tmp_path)
+        admission = store.begin("eval", "a" * 16, "me", skip_recorded=True)
+        claim_mode = stat.S_IMODE(admission.claim.path.stat().st_mode)
+        store.append(record(1, key="a" * 16, attempt_id="me"))
+        admission.claim.release()
+    finally:
+        os.umask(old)
+    assert claim_mode == 0o640
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert (tmp_path / ".store.lock") in files
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o640 for p in files}
+
+
+KILL_POINTS = ["after_claim", "mid_append", "after_append", "mid_index", "after_index"]
+
+KILLED_JOB = """
+import os, signal, sys
+from tnt_lightning.results import CONFIG_KEY_VERSION, ResultsStore, store as store_module
+root, key, point = sys.argv[1:4]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+store = ResultsStore(root)
+admission = store.begin("eval", key, "killed", skip_recorded=True)
+if point == "after_claim":
+    die()
+if point == "mid_append":  # half the line written, then killed
+    real = os.write
+    store_module.os.write = lambda fd, data: (real(fd, bytes(data)[: len(data) // 2]), die())[0]
+if point == "after_append":
+    store_module.ResultsStore._write_index = die
+if point == "mid_index":  # the index entry's temporary file written, not renamed
+    store_module.os.replace = die
+store.append({"run_id": "killed", "task": "eval", "status": "ok", "config_key": key,
+              "config_key_version": CONFIG_KEY_VERSION, "attempt_id": "killed", "payload": "x" * 1000})
+die()  # after_index: before the release
+"""
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_job_killed_anywhere_in_its_store_writes_is_recorded_once_and_leaves_nothing(tmp_path, point):
+    """The kill matrix: a job SIGKILLed at each point of claim, append, index and release; the next
+    run records the experiment exactly once (recovering the killed job's record where it was
+    written whole) and cleans what the kill left; doctor finds nothing, except the torn line of a
+    write killed midway, which its repair moves aside."""
+    key = "e" * 16
+    proc = subprocess.run([sys.executable, "-c", KILLED_JOB, str(tmp_path), key, point], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    store = ResultsStore(tmp_path)
+    resumed = store.begin("eval", key, "resumed", skip_recorded=True)
+    if resumed.claim is not None:
+        store.append(record(7, key=key, attempt_id="resumed"))
+        resumed.claim.release()
+    expected = "run7" if point in ("after_claim", "mid_append") else "killed"
+    assert store.recorded("eval", key)["run_id"] == expected
+    assert [r["run_id"] for r in read_records(tmp_path, history=True) if r["status"] == "ok"] == [expected]
+    assert not list(store.claims_dir.glob("*")) and not list(tmp_path.rglob("*.tmp"))
+    assert doctor(tmp_path, repair=False) == (1 if point == "mid_append" else 0)
+    assert doctor(tmp_path, repair=True) == 0 and doctor(tmp_path, repair=False) == 0
+    assert store.recorded("eval", key)["run_id"] == expected

@@ -10,6 +10,8 @@ without running them.
 Cache files are written by :func:`save_artefact`: to a temporary name, renamed into place, then a
 ``<file>.sha256`` beside it (the format of ``sha256sum``, so ``sha256sum -c`` checks it too). Any
 file with such a checksum beside it, a user's included, is checked against it before it is read.
+The temporary files of killed writes are removed by the next write or check of the same file
+(:mod:`tnt_lightning.tempfiles`), or by ``python -m tnt_lightning.results doctor --repair``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..tempfiles import remove_stale_temps, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def write_checksum(path: Path, digest: str | None = None) -> None:
     """Write ``<path>.sha256`` atomically (``sha256sum`` format)."""
     digest = digest or file_sha256(path)
     target = checksum_path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temp_path(target)
     tmp.write_text(f"{digest}  {path.name}\n")
     os.replace(tmp, target)
 
@@ -101,7 +104,8 @@ def save_artefact(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temps(path)  # left by writes that were killed before their rename
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -174,6 +178,7 @@ def reuse_cached(path: Path, what: str, expect_keys: Sequence[str], remove_damag
     with ``expect_keys``, and gets its checksum now. Anything else is damaged: a warning names it
     and, if ``remove_damaged``, it is deleted so that the caller rebuilds it.
     """
+    remove_stale_temps(path)
     if not path.exists():
         return False
     try:

@@ -9,13 +9,19 @@ Layout of ``<results_dir>/``:
   atomically. "Is this config recorded?" reads one small file, however long the history.
 * ``claims/<task>-<config_key>.json``: the job running that experiment now (pid, host, SLURM job),
   created exclusively before the job does any work, kept fresh by a heartbeat, removed when the
-  job ends. A claim whose job is dead (same host, pid gone; or no heartbeat for
-  :data:`CLAIM_STALE_S`) is taken over; a claim of the same SLURM job is a requeue of it.
+  job ends. A claim of a job on this host is taken over only once its pid is gone (a stopped job,
+  Ctrl-Z, keeps it: ``doctor --release KEY`` releases it on request); a claim of another host's job
+  once it has had no heartbeat for :data:`CLAIM_STALE_S`. A claim of the same SLURM job is a
+  requeue of it. A dead job's claim is removed by the next job that looks at the experiment.
 * ``.store.lock``: held for the milliseconds a claim or an append takes.
 
-Records are written group-readable (the umask decides, as for any file). A damaged or foreign line
-of ``results.jsonl`` is reported with its line number and skipped; ``python -m
-tnt_lightning.results doctor --repair`` moves such lines aside and rebuilds the index.
+An append writes its whole line or nothing (a failed write is cut back off, under the lock). The
+claim is checked again when the record is written: a job that no longer holds it (released by
+``doctor --release``) records ``claim_lost``, a status kept in the history that never counts as the
+experiment's result. Every file's mode comes from the umask. A damaged or foreign line of
+``results.jsonl`` is reported with its line number and skipped; ``python -m tnt_lightning.results
+doctor`` also compares the index with the view (missing, extra or differing entries, duplicated
+``ok`` records) and ``--repair`` moves bad and duplicated lines aside and rebuilds the index.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from filelock import FileLock, Timeout
 
 from .. import slurm
 from ..config import UserError
+from ..tempfiles import pid_alive, process_start, temp_path
 from .keys import CONFIG_KEY_VERSION, config_key
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,11 @@ LOCK_TIMEOUT_S = 120.0
 CLAIM_STALE_S = 300.0
 HEARTBEAT_S = 30.0
 RECORD_FIELDS = ("run_id", "task", "status")
+CLAIM_LOST = "claim_lost"  # written by a job whose claim was released while it ran: never current
+
+# The claims this process holds (attempt id -> claim file): an append of a record carrying one of
+# these attempt ids checks, under the lock, that the claim is still this job's.
+_held: dict[str, Path] = {}
 
 
 class StoreError(UserError, RuntimeError):
@@ -69,8 +81,16 @@ def record_identity(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
-    """An ok record replaces anything; any other attempt only replaces another non-ok one."""
+    """An ok record replaces anything; any other attempt only replaces another non-ok one; a
+    ``claim_lost`` record replaces nothing."""
+    if new.get("status") == CLAIM_LOST:
+        return False
     return old is None or new.get("status") == "ok" or old.get("status") != "ok"
+
+
+def deliberate_rerun(record: dict[str, Any]) -> bool:
+    """The record of a run asked to run again although recorded (``skip_recorded=false``)."""
+    return isinstance(record.get("config"), dict) and record["config"].get("skip_recorded") is False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +117,7 @@ class Claim:
 
     def release(self) -> None:
         self._stop.set()
+        _held.pop(self.holder["attempt_id"], None)
         with contextlib.suppress(OSError):
             if json.loads(self.path.read_text()).get("attempt_id") == self.holder["attempt_id"]:
                 self.path.unlink()
@@ -116,19 +137,21 @@ def _same_slurm_job(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return bool(a and b and a.get("job_id") and a.get("job_id") == b.get("job_id"))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def holder_alive_here(holder: dict[str, Any]) -> bool | None:
+    """Whether the claim's job is alive, if it ran on this host (its pid, not a reused one); None
+    for a job on another host, which only its heartbeat can speak for."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = int(holder.get("pid", -1))
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
-    return True
+    started = holder.get("pid_start")
+    return started is None or process_start(pid) in (None, started)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (mode from the umask)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
@@ -171,7 +194,7 @@ class ResultsStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / LOCK_FILE), mode=0o666)
+        lock = FileLock(str(self.root / LOCK_FILE))  # no mode: the umask decides
         try:
             with lock.acquire(timeout=LOCK_TIMEOUT_S):
                 yield
@@ -204,17 +227,34 @@ class ResultsStore:
         return marker.exists() and marker.read_text().strip() == str(CONFIG_KEY_VERSION)
 
     def rebuild_index(self) -> int:
-        """Rebuild ``index/`` from results.jsonl (call under the lock); returns the records indexed."""
-        current: dict[tuple[str, str], dict[str, Any]] = {}
-        for record in self._scan()[0]:
-            identity = record_identity(record)
-            if supersedes(record, current.get(identity)):
-                current[identity] = record
+        """Rebuild ``index/`` from results.jsonl (call under the lock): every entry the view does not
+        hold is removed. Returns the records indexed."""
+        current = self._current(self._scan()[0])
         for (task, key), record in current.items():
             self._write_index(task, key, record)
+        for (task, key), path in self.index_entries().items():
+            if (task, key) not in current:
+                path.unlink(missing_ok=True)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.index_dir / INDEX_VERSION_FILE, f"{CONFIG_KEY_VERSION}\n")
         return len(current)
+
+    def index_entries(self) -> dict[tuple[str, str], Path]:
+        """Every index file, by the (task, config_key) its name says."""
+        entries = {}
+        for path in self.index_dir.glob("*/*.json") if self.index_dir.exists() else []:
+            task, _, key = path.stem.partition("-")
+            entries[task, key] = path
+        return entries
+
+    @staticmethod
+    def _current(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in records:
+            identity = record_identity(record)
+            if supersedes(record, current.get(identity)):
+                current[identity] = record
+        return current
 
     def _write_index(self, task: str, key: str, record: dict[str, Any]) -> None:
         path = self._index_file(task, key)
@@ -247,28 +287,34 @@ class ResultsStore:
         return self.claims_dir / f"{task}-{key}.json"
 
     def _holder_is_stale(self, path: Path, holder: dict[str, Any]) -> bool:
+        """A job on this host holds its claim while its pid lives, heartbeat or not (a stopped job
+        sends none); a job on another host while its heartbeat is fresh."""
+        alive = holder_alive_here(holder)
+        if alive is not None:
+            return not alive
         try:
-            age = time.time() - path.stat().st_mtime
+            return time.time() - path.stat().st_mtime > CLAIM_STALE_S
         except FileNotFoundError:
             return True
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-            return True
-        return age > CLAIM_STALE_S
 
     def begin(self, task: str, key: str, attempt_id: str, skip_recorded: bool) -> Admission:
         """Claim the experiment ``(task, key)`` for this job, unless it is recorded (and
         ``skip_recorded``) or another live job holds it. Checked again under the lock, so two jobs
         that start together never both run it."""
         self._ensure_index()
+        path = self._claim_file(task, key)
         if skip_recorded and (done := self.recorded(task, key)) is not None:
+            if path.exists():  # left by a job killed after its record: removed if it is dead
+                with self.locked():
+                    self._remove_if_stale(task, key)
             return Admission(recorded=done)
         self.claims_dir.mkdir(parents=True, exist_ok=True)
-        path = self._claim_file(task, key)
         me = {
             "attempt_id": attempt_id,
             "task": task,
             "config_key": key,
             "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
             "host": socket.gethostname(),
             "started_at": time.time(),
             "results_offset": self.path.stat().st_size if self.path.exists() else 0,
@@ -292,9 +338,34 @@ class ResultsStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            _held[attempt_id] = path
         claim = Claim(path, me)
         claim.start_heartbeat()
         return Admission(claim=claim)
+
+    def _remove_if_stale(self, task: str, key: str) -> None:
+        """Remove the claim of ``(task, key)`` if its job is dead (call under the lock)."""
+        path = self._claim_file(task, key)
+        try:
+            holder = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        if not holder or self._holder_is_stale(path, holder):
+            self._recover(task, key, holder)
+            path.unlink(missing_ok=True)
+
+    def release_claim(self, path: Path) -> dict[str, Any]:
+        """Remove a claim on request (``doctor --release``), whoever holds it; returns its holder.
+        Its job, if it goes on, records ``claim_lost``."""
+        with self.locked():
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            path.unlink(missing_ok=True)
+        return holder
 
     def _recover(self, task: str, key: str, holder: dict[str, Any]) -> None:
         """After a job died: index a record it appended but did not index (it was killed between
@@ -314,7 +385,7 @@ class ResultsStore:
                         if supersedes(record, self._read_index(*identity)):
                             self._write_index(*identity, record)
 
-    def _claims(self) -> list[tuple[Path, dict[str, Any], bool]]:
+    def claims(self) -> list[tuple[Path, dict[str, Any], bool]]:
         """Every claim file with its holder and whether it is stale."""
         found = []
         for path in sorted(self.claims_dir.glob("*.json")) if self.claims_dir.exists() else []:
@@ -327,33 +398,79 @@ class ResultsStore:
 
     def stale_claims(self) -> list[Path]:
         """Claim files left by jobs that died."""
-        return [path for path, _, stale in self._claims() if stale]
+        return [path for path, _, stale in self.claims() if stale]
 
     # ------------------------------------------------------------------ appending and reading
 
     def append(self, record: dict[str, Any]) -> Path:
-        """Record one finished attempt: appended to the view, then made current if it supersedes."""
-        line = (json.dumps(record, default=str) + "\n").encode()
+        """Record one finished attempt: appended to the view, then made current if it supersedes.
+
+        The whole line is written or nothing (:class:`StoreError`). A record of an attempt whose
+        claim this process took is checked against the claim file first: if the claim is no longer
+        this attempt's, the record is written as ``claim_lost`` (its own status kept in
+        ``claimed_status``), which never counts as the experiment's result."""
         self._ensure_index()
         with self.locked():
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line stays its own line
-                    line = b"\n" + line
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            record = self._checked_claim(record)
+            self._write_line((json.dumps(record, default=str) + "\n").encode())
             identity = record_identity(record)
             if supersedes(record, self._read_index(*identity)):
                 self._write_index(*identity, record)
         return self.path
 
+    def _checked_claim(self, record: dict[str, Any]) -> dict[str, Any]:
+        path = _held.get(str(record.get("attempt_id")))
+        if path is None:
+            return record
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        if holder.get("attempt_id") == record["attempt_id"]:
+            return record
+        log.error(
+            "the claim of this run (%s) was released or taken over while it ran (now: %s); its record "
+            "is kept as %r and does not count as the experiment's result",
+            path.name,
+            holder.get("attempt_id") and f"attempt {holder['attempt_id']}, pid {holder.get('pid')}",
+            CLAIM_LOST,
+        )
+        return {**record, "status": CLAIM_LOST, "claimed_status": record.get("status")}
+
+    def _write_line(self, line: bytes) -> None:
+        """Append ``line`` whole (short writes continued), or cut the file back and raise."""
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line stays its own line
+                line = b"\n" + line
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise StoreError(
+                    f"{self.path}: the record could not be written ({e}); nothing was appended"
+                ) from e
+        finally:
+            os.close(fd)
+
     def _scan(self) -> tuple[list[dict[str, Any]], list[DamagedLine]]:
         records, damaged = [], []
+        for _, record in self._numbered():
+            if isinstance(record, DamagedLine):
+                damaged.append(record)
+            else:
+                records.append(record)
+        return records, damaged
+
+    def _numbered(self) -> Iterator[tuple[int, dict[str, Any] | DamagedLine]]:
+        """Every non-empty line with its number: the record, or why it is damaged."""
         if not self.path.exists():
-            return records, damaged
+            return
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -361,13 +478,12 @@ class ResultsStore:
                 try:
                     record = json.loads(raw)
                 except ValueError as e:
-                    damaged.append(DamagedLine(number, f"not valid JSON ({e})"))
+                    yield number, DamagedLine(number, f"not valid JSON ({e})")
                     continue
                 if not isinstance(record, dict) or any(k not in record for k in RECORD_FIELDS):
-                    damaged.append(DamagedLine(number, f"not a run record (needs {list(RECORD_FIELDS)})"))
+                    yield number, DamagedLine(number, f"not a run record (needs {list(RECORD_FIELDS)})")
                     continue
-                records.append(record)
-        return records, damaged
+                yield number, record
 
     def records(self, history: bool = False) -> list[dict[str, Any]]:
         """The current record of every experiment, in the order they were first recorded (every
@@ -382,15 +498,44 @@ class ResultsStore:
             )
         if history:
             return records
-        current: dict[tuple[str, str], dict[str, Any]] = {}
-        for record in records:
-            identity = record_identity(record)
-            if supersedes(record, current.get(identity)):
-                current[identity] = record
-        return list(current.values())
+        return list(self._current(records).values())
 
     def damaged_lines(self) -> list[DamagedLine]:
         return self._scan()[1]
+
+    def duplicates(self) -> list[tuple[int, dict[str, Any]]]:
+        """The ``ok`` records (with their line numbers) of experiments recorded ``ok`` on an earlier
+        line, by a run that was not asked to run again (``skip_recorded=false``)."""
+        first_ok: set[tuple[str, str]] = set()
+        found = []
+        for number, record in self._numbered():
+            if isinstance(record, DamagedLine) or record.get("status") != "ok":
+                continue
+            identity = record_identity(record)
+            if identity in first_ok and not deliberate_rerun(record):
+                found.append((number, record))
+            first_ok.add(identity)
+        return found
+
+    def index_disagreements(self) -> list[str]:
+        """Where the index and the view disagree: an experiment of the view without its index
+        file, an index file without a record in the view, or one naming another record."""
+        current = self._current(self._scan()[0])
+        entries = self.index_entries()
+        found = []
+        for (task, key), record in current.items():
+            if (task, key) not in entries:
+                found.append(f"{task} {key}: index file missing (current record: run {record['run_id']})")
+                continue
+            indexed = self._read_index(task, key) or {}
+            if (indexed.get("run_id"), indexed.get("status")) != (record["run_id"], record["status"]):
+                found.append(
+                    f"{task} {key}: the index names run {indexed.get('run_id')} ({indexed.get('status')}), "
+                    f"the view run {record['run_id']} ({record['status']})"
+                )
+        for task, key in sorted(set(entries) - set(current)):
+            found.append(f"{task} {key}: index entry with no record in {RESULTS_FILE}")
+        return found
 
 
 def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
