@@ -148,6 +148,7 @@ def test_the_sweep_report_tells_recorded_skipped_and_failed_jobs(tmp_path, capsy
     """The callback on its own, as a launcher drives it: every kind of end, then one table."""
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from tnt_lightning.config import ConfigError
@@ -166,6 +167,7 @@ def test_the_sweep_report_tells_recorded_skipped_and_failed_jobs(tmp_path, capsy
         job = OmegaConf.create(
             {
                 "hydra": {
+                    "mode": RunMode.MULTIRUN,
                     "job": {"num": num},
                     "overrides": {"task": [f"keep_rate=0.{num}", "data=synthetic"]},
                     "runtime": {"output_dir": str(tmp_path / str(num))},

@@ -26,7 +26,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 OUTCOME_FILE = "sweep_outcome.json"
 
@@ -58,6 +59,11 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
         return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     except Exception:  # the report never stops a sweep: without the list, jobs print "job i"
         return None
+
+
+def in_sweep(config: DictConfig) -> bool:
+    """Whether this job is one of a ``-m`` sweep (Hydra calls the job hooks for single runs too)."""
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
 
 
 def one_line(error: BaseException) -> str:
@@ -104,11 +110,15 @@ class SweepReport(Callback):
         return f"job {job + 1}" + (f" of {self.total}" if self.total else "")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not in_sweep(config):
+            return
         job = int(config.hydra.job.num)
         self.started[job] = time.time()
         print(f"{self._name(job)}: {self._own(list(config.hydra.overrides.task))}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not in_sweep(config):  # a single run: run.py reports it
+            return
         job = int(config.hydra.job.num)
         own = self._own(list(config.hydra.overrides.task))
         value = job_return._return_value
