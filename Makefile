@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo study study-meanpool report
+	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -55,6 +55,15 @@ clean-all: clean ## Also remove results/, cache/ (trained backbones and heads) a
 BENCH_ARGS ?=
 bench: ## Speed of every method and schedule vs the unpruned DeiT-S, in one process; table, JSON, plot in reports/bench (BENCH_ARGS="--full")
 	$(PYTHON) -m tnt_lightning.bench $(BENCH_ARGS)
+
+# The GPU check (README, "GPU check"): every CUDA path once, in reports/gpu/gpu_check.{md,json};
+# exit status 1 if any row failed. The smoke run is the same script on the CPU, small (CI runs it).
+GPU_CHECK_ARGS ?=
+gpu-check: ## Every CUDA path on one GPU (<= 8 min): gpu tests, methods, throughput, AMP training, memory (GPU_CHECK_ARGS=)
+	$(PYTHON) -m tnt_lightning.measure.gpu_check --device cuda --out reports/gpu $(GPU_CHECK_ARGS)
+
+gpu-check-smoke: ## The GPU check's script on the CPU, small: known to work before a GPU minute is spent (CI)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PYTHON) -m tnt_lightning.measure.gpu_check --device cpu --smoke --out reports/gpu/smoke $(GPU_CHECK_ARGS)
 
 # Sweeps (sweeps/<name>.yaml; `ls sweeps`). ARGS adds overrides: ARGS="model=deit_base_distilled".
 # SWEEP may be empty for slurm/slurm-dry: then ARGS alone say what runs.

@@ -19,6 +19,9 @@ from tnt_lightning.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# Tests marked ``gpu`` need a CUDA device and are skipped without one (pytest_collection_modifyitems);
+# a test that holds only on a machine without one is conditional on this.
+HAS_CUDA = torch.cuda.is_available()
 
 register_configs()
 
@@ -107,7 +110,17 @@ def all_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-__all__ = ["CONF", "ROOT", "all_options", "compose_config", "run_py", "tiny_vit"]
+__all__ = ["CONF", "HAS_CUDA", "ROOT", "all_options", "compose_config", "run_py", "tiny_vit"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests are skipped on a machine without CUDA (`make gpu-check` runs them)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import CONF, compose_config, run_py
-from tnt_lightning.config import UserError, check_added_keys
+from conftest import CONF, HAS_CUDA, compose_config, run_py
+from tnt_lightning.config import UserError, check_added_keys, check_environment, validate
 from tnt_lightning.tasks import run_task
 
 # (overrides, what the message must name). "{tmp}" is the test's root folder.
@@ -32,8 +32,6 @@ BAD_INPUTS = [
     (["trainer.devices=0"], "trainer.devices=0"),
     (["trainer.devices=abc"], "trainer.devices='abc'"),
     (["trainer.accelerator=quantum"], "trainer.accelerator='quantum'"),
-    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu'"),
-    (["measure.device=cuda"], "measure.device='cuda'"),
     (["measure.device=tpu"], "measure.device='tpu'"),
     (["measure.iters=0"], "measure.iters=0"),
     (["measure.batch_size=-1"], "measure.batch_size=-1"),
@@ -65,6 +63,13 @@ BAD_INPUTS = [
     (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),
     (["method=tome", "schedule=multi"], "set e.g. method.r=8"),
 ]
+# Refused only where there is no GPU to give (test_gpu_settings_are_accepted_on_a_gpu_machine).
+GPU_SETTINGS = [
+    (["trainer.accelerator=gpu"], "trainer.accelerator='gpu'"),
+    (["measure.device=cuda"], "measure.device='cuda'"),
+]
+if not HAS_CUDA:
+    BAD_INPUTS += GPU_SETTINGS
 # Errors found when the run opens its files, before any weights load, any training or any data is
 # read: recorded as a failed run of that configuration.
 FAILS_AT_BUILD = [
@@ -117,3 +122,12 @@ def test_run_py_prints_one_error_line_and_exits_2(overrides, named, recorded, tm
     assert last.startswith("error: ") and named in last, last
     assert "Traceback" not in proc.stderr
     no_expensive_work_done(tmp_path, output, recorded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [o for o, _ in GPU_SETTINGS], ids=[o[0] for o, _ in GPU_SETTINGS])
+def test_gpu_settings_are_accepted_on_a_gpu_machine(overrides, tmp_path):
+    cfg = compose_config(overrides, tmp_path)
+    check_added_keys(overrides, cfg, str(CONF))
+    validate(cfg)
+    check_environment(cfg)  # where a machine without CUDA refuses them (BAD_INPUTS)

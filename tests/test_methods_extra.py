@@ -88,7 +88,7 @@ def test_tnt_multi_layer_draws_importance_then_partition_as_the_official_code():
     assert got == expected
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_tnt_multi_layer_importance_comes_from_the_cpu_generator_on_cuda():
     """On CUDA the importance is the CPU generator's draw (as the official ``rand(...).to(device)``)."""
     got, expected = tnt_pre_block_order("cuda")
