@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 from ..data.folder import weights_relevant
+from ..ddp import Ranks, this_rank, train_once
 from .artefact_io import checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
 from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 PretrainFn = Callable[[VisionTransformer, BackboneSpec, Path], dict[str, Any]]
 
 
-def pretrain_key(spec: BackboneSpec) -> str:
-    """Hash of everything that determines pretrained weights: architecture, classes, input, recipe."""
+def pretrain_key(spec: BackboneSpec, world_size: int = 1) -> str:
+    """Hash of everything that determines pretrained weights: architecture, classes, input, recipe,
+    and the number of DDP processes when there are several (one process: the key of before)."""
     recipe = OmegaConf.to_container(OmegaConf.create(spec.pretrain), resolve=True)
     if "data" in recipe:  # workers, eval batch size ... of the training data change no weight
         recipe["data"] = weights_relevant(recipe["data"])
@@ -39,35 +40,49 @@ def pretrain_key(spec: BackboneSpec) -> str:
         "input_size": list(spec.input_size),
         "pretrain": recipe,
     }
+    if world_size > 1:
+        blob["world_size"] = world_size
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pretrained_path(spec: BackboneSpec, cache_dir: str | Path) -> Path:
-    return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{pretrain_key(spec)}.pth"
+def pretrained_path(spec: BackboneSpec, cache_dir: str | Path, world_size: int = 1) -> Path:
+    return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{pretrain_key(spec, world_size)}.pth"
 
 
-def pretrain_workdir(spec: BackboneSpec, cache_dir: str | Path) -> Path:
+def pretrain_workdir(spec: BackboneSpec, cache_dir: str | Path, world_size: int = 1) -> Path:
     """Where a pretraining keeps ``last.ckpt`` until its weights are cached (a killed one resumes)."""
-    return pretrained_path(spec, cache_dir).with_suffix(".work")
+    return pretrained_path(spec, cache_dir, world_size).with_suffix(".work")
 
 
 def ensure_pretrained(
-    spec: BackboneSpec, cache_dir: str | Path, pretrain: PretrainFn, force: bool = False
+    spec: BackboneSpec,
+    cache_dir: str | Path,
+    pretrain: PretrainFn,
+    force: bool = False,
+    ranks: Ranks | None = None,
 ) -> Path:
     """The cached weights for ``spec``, training them first if they are missing or damaged (or ``force``).
 
     A file lock makes concurrent jobs wait for the one that trains; the file is written to a
     temporary name and renamed, then its checksum beside it (:func:`save_artefact`), so nobody reads
-    a half-written checkpoint, and a damaged one is found, reported and trained again.
+    a half-written checkpoint, and a damaged one is found, reported and trained again. The ranks of
+    a DDP job (``ranks``, the job's trainer) pretrain together, as their rank 0 decides
+    (:func:`tnt_lightning.ddp.train_once`).
     """
-    path = pretrained_path(spec, cache_dir)
-    if not force and checksum_matches(path):
+    world_size = ranks.world_size if ranks is not None else 1
+    path = pretrained_path(spec, cache_dir, world_size)
+    workdir = pretrain_workdir(spec, cache_dir, world_size)
+    if not force and checksum_matches(path) and (ranks is None or not ranks.shared):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+
+    def reuse() -> bool:
         if not force and reuse_cached(path, "cached backbone", expect_keys=("model",)):
             log.info("using cached backbone %s (checked while holding its lock)", path)
-            return path
+            return True
+        return False
+
+    def train() -> None:
         log.warning(
             "training backbone %s once, %s epochs, before this run goes on (model.weights=pretrain; the "
             "progress bar shows the time per epoch); it will be cached at %s",
@@ -76,10 +91,23 @@ def ensure_pretrained(
             path,
         )
         model = create_model(spec)
-        metrics = pretrain(model, spec, pretrain_workdir(spec, cache_dir))
-        save_artefact({"model": model.state_dict(), "spec_key": pretrain_key(spec), "metrics": metrics}, path)
-        shutil.rmtree(pretrain_workdir(spec, cache_dir), ignore_errors=True)
+        metrics = pretrain(model, spec, workdir)
+        if this_rank() != 0:
+            return
+        key = pretrain_key(spec, world_size)
+        save_artefact({"model": model.state_dict(), "spec_key": key, "metrics": metrics}, path)
+        shutil.rmtree(workdir, ignore_errors=True)
         log.info("cached %s (%s)", path, metrics)
+
+    train_once(
+        ranks or Ranks(),
+        Path(str(path) + ".lock"),
+        path.parent,
+        reuse,
+        train,
+        refuse=lambda: None,
+        saved=lambda: checksum_matches(path),
+    )
     return path
 
 
@@ -103,9 +131,11 @@ def load_weights(
     cache_dir: str | Path,
     need_weights: bool,
     pretrain: PretrainFn,
+    ranks: Ranks | None = None,
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """Load ``spec``'s weights into ``model``. Returns where they came from, and any tensors of the
-    checkpoint that are not the backbone's (an official method checkpoint's ``alpha_heads``, say)."""
+    checkpoint that are not the backbone's (an official method checkpoint's ``alpha_heads``, say);
+    ``ranks``: those of the DDP job that may pretrain the backbone (:func:`ensure_pretrained`)."""
     if spec.checkpoint:
         return f"checkpoint:{spec.checkpoint}", _load_checkpoint(model, spec)
     if not need_weights:
@@ -114,7 +144,7 @@ def load_weights(
         load_hub_weights(model, spec)
         return f"hub:{spec.timm_name}", {}
     if spec.weights == "pretrain":
-        path = ensure_pretrained(spec, cache_dir, pretrain)
+        path = ensure_pretrained(spec, cache_dir, pretrain, ranks=ranks)
         source = f"cached backbone {path}"
         load_backbone_state(model, state_dict_of(load_weight_file(path, source), source), source)
         return f"pretrain:{path}", {}

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -89,6 +90,7 @@ def close_logger(logger: Logger) -> None:
         )
 
 
+@rank_zero_only  # on other DDP ranks a logger's experiment is a stand-in without a summary
 def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     """Log the run's final metrics (scalars only) to every logger, and to W&B's run summary."""
     scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

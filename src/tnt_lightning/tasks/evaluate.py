@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
 from ..data import ClassificationDataModule
+from ..ddp import Ranks
 from ..engine import apply_reducer, backbone_info
 from ..lit import ImageClassifier
 from ..measure import (
@@ -88,7 +89,8 @@ def build_pruned_model(
     if learned:
         given = load_given_trained(cfg, spec, reducer)
         check_can_provide(cfg, spec, reducer)
-    weights, extra = load_weights(model, spec, cfg.paths.cache_dir, has_labels, pretrain_fn(cfg))
+    pretrain = pretrain_fn(cfg)
+    weights, extra = load_weights(model, spec, cfg.paths.cache_dir, has_labels, pretrain, Ranks(cfg.trainer))
     recorder.details["weights"] = weights
     if learned:
         if given is not None and "backbone" in given:  # its fine-tuned backbone replaces the weights

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ..config import ConfigError
+from ..ddp import Ranks
 from ..models import BackboneSpec, count_parameters, ensure_pretrained
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, pretrain_fn
@@ -32,7 +33,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
             recorder.metrics.update(count_parameters(model))
             return metrics
 
-        path = ensure_pretrained(spec, cfg.paths.cache_dir, train_and_keep, force=True)
+        path = ensure_pretrained(spec, cfg.paths.cache_dir, train_and_keep, True, Ranks(cfg.trainer))
         recorder.details["weights"] = str(path)
         recorder.details["resumed_from_epoch"] = metrics.get("resumed_from_epoch")
         recorder.metrics.update(acc1=metrics["val_acc1"], acc5=metrics["val_acc5"])

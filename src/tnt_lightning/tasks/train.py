@@ -6,7 +6,9 @@ DynamicViT predictor does), the backbone and its weights, the data, the recipe a
 lives in ``<cache_dir>/methods/<method>-<model>-<hash>/``: ``last.ckpt`` (Lightning, for resuming
 a killed run) while training, then ``trained.pth`` (only the trained parameters, with that
 identity; with ``method.train.backbone_lr_scale`` > 0 also the fine-tuned backbone, which
-loading applies). A file lock lets one job train while concurrent jobs wait, then load.
+loading applies). A file lock lets one job train while concurrent jobs wait, then load; the
+ranks of a DDP job train it together, as their rank 0 decides (:mod:`tnt_lightning.ddp`), and
+their number is part of the identity when there are several.
 """
 
 from __future__ import annotations
@@ -15,23 +17,19 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from filelock import FileLock
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .. import slurm
 from ..config import ConfigError, UserError, epoch_budget
+from ..ddp import Ranks, train_once
 from ..engine import apply_reducer, backbone_info
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
@@ -51,7 +49,6 @@ from ..models import (
 )
 from ..models.artefact_io import checksum_matches, checksum_problem
 from ..results.keys import comparable_preprocessing
-from ..results.store import write_atomic
 from .common import make_trainer, pretrain_fn
 
 log = logging.getLogger(__name__)
@@ -117,12 +114,12 @@ def check_schedule_reaches_lr(cfg: DictConfig) -> None:
         )
 
 
-def backbone_identity(spec: BackboneSpec, cache_dir: str) -> dict[str, Any]:
+def backbone_identity(spec: BackboneSpec, cache_dir: str, world_size: int = 1) -> dict[str, Any]:
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()
         return {"name": spec.name, "checkpoint": str(path.resolve()), "bytes": path.stat().st_size}
     if spec.weights == "pretrain":
-        return {"name": spec.name, "pretrain": pretrained_path(spec, cache_dir).name}
+        return {"name": spec.name, "pretrain": pretrained_path(spec, cache_dir, world_size).name}
     return {"name": spec.name, "weights": spec.weights, "timm_name": spec.timm_name}
 
 
@@ -134,13 +131,17 @@ def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     }
     if not rec.get("backbone_lr_scale"):  # a frozen backbone: the key of artefacts trained before it existed
         rec.pop("backbone_lr_scale", None)
-    return {
+    world_size = Ranks(cfg.trainer).world_size
+    identity = {
         "method": reducer.training_key(),
-        "backbone": backbone_identity(spec, cfg.paths.cache_dir),
+        "backbone": backbone_identity(spec, cfg.paths.cache_dir, world_size),
         "data": data,
         "recipe": rec,
         "seed": cfg.seed,
     }
+    if world_size > 1:  # one process: the identity of artefacts trained before DDP counted
+        identity["world_size"] = world_size
+    return identity
 
 
 def training_dir(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> Path:
@@ -174,7 +175,7 @@ def fit(
     # A backbone pretrained just now (a cache miss) draws from the same generators: the method's
     # initial parameters and training draws must be those of a run that found it cached.
     rng = rng_states()
-    load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg))
+    load_weights(model, train_spec, cfg.paths.cache_dir, True, pretrain_fn(cfg), Ranks(cfg.trainer))
     set_rng_states(rng)
     tcfg = training_config(cfg)
     reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
@@ -273,93 +274,58 @@ def ensure_trained(
     """
     workdir = training_dir(cfg, spec, reducer)
     final = workdir / TRAINED_FILE
-    if checksum_matches(final):
+    ranks = Ranks(cfg.trainer)
+    if checksum_matches(final) and not ranks.shared:
         return final, False
     workdir.mkdir(parents=True, exist_ok=True)
-    # One job trains while concurrent jobs wait on the lock. The processes of one DDP job train
-    # together: rank 0 takes the lock and posts its decision, the other ranks follow it.
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    distributed = world_size > 1
-    decision = workdir / f".decision-{job_token()}"
-    if distributed and rank_zero_only.rank != 0:
-        choice = wait_for(decision, timeout_s=None).read_text()  # rank 0 may wait for another job
-        decision.with_name(f"{decision.name}.read-by-{rank_zero_only.rank}").touch()
-        if choice == "refused":
-            raise_untrained(cfg, reducer, final)
-        if choice == "train":
-            fit(cfg, spec, workdir, loggers)
-            wait_for(final)
-        return final, choice == "train"
-    try:
-        with FileLock(str(workdir) + ".lock"):
-            if reuse_cached(final, "cached trained parameters", TRAINED_KEYS, remove_damaged=may_train):
-                log.info("using trained %s %s (checked while holding its lock)", reducer.name, final)
-                post(decision, "cached", distributed)
-                return final, False
-            if not may_train:
-                post(decision, "refused", distributed)
-                raise_untrained(cfg, reducer, final)
-            post(decision, "train", distributed)
-            log.warning(
-                "training %s once on %s (%s), %s epochs, before this run goes on (the progress bar shows "
-                "the time per epoch); it will be cached at %s",
-                reducer.name,
-                spec.name,
-                cfg.data.name,
-                recipe(cfg).epochs,
-                final,
-            )
-            module, metrics = fit(cfg, spec, workdir, loggers)
-            artefact = {
-                "method": reducer.name,
-                "model": spec.name,
-                "identity": training_identity(cfg, spec, reducer),
-                "state_dict": {n: p.detach().cpu() for n, p in module.reducer.trainable_parameters()},
-                "metrics": metrics,
+
+    def reuse() -> bool:
+        if reuse_cached(final, "cached trained parameters", TRAINED_KEYS, remove_damaged=may_train):
+            log.info("using trained %s %s (checked while holding its lock)", reducer.name, final)
+            return True
+        return False
+
+    def train_and_save() -> None:
+        log.warning(
+            "training %s once on %s (%s), %s epochs, before this run goes on (the progress bar shows "
+            "the time per epoch); it will be cached at %s",
+            reducer.name,
+            spec.name,
+            cfg.data.name,
+            recipe(cfg).epochs,
+            final,
+        )
+        module, metrics = fit(cfg, spec, workdir, loggers)
+        if rank_zero_only.rank != 0:  # the other DDP ranks trained with it; rank 0 saves
+            return
+        artefact = {
+            "method": reducer.name,
+            "model": spec.name,
+            "identity": training_identity(cfg, spec, reducer),
+            "state_dict": {n: p.detach().cpu() for n, p in module.reducer.trainable_parameters()},
+            "metrics": metrics,
+        }
+        if module.teacher is not None:  # the backbone was fine-tuned: it is part of the artefact
+            artefact["backbone"] = {
+                k: v.detach().cpu()
+                for k, v in module.model.state_dict().items()
+                if not k.startswith("reducer.")
             }
-            if module.teacher is not None:  # the backbone was fine-tuned: it is part of the artefact
-                artefact["backbone"] = {
-                    k: v.detach().cpu()
-                    for k, v in module.model.state_dict().items()
-                    if not k.startswith("reducer.")
-                }
-            save_artefact(artefact, final)
-            (workdir / "last.ckpt").unlink(missing_ok=True)
-            log.info("trained %s: %s", reducer.name, metrics)
-    finally:
-        if distributed and decision.exists():  # removed once every rank has read it
-            for rank in range(1, world_size):
-                wait_for(decision.with_name(f"{decision.name}.read-by-{rank}")).unlink()
-            decision.unlink()
-    return final, True
+        save_artefact(artefact, final)
+        (workdir / "last.ckpt").unlink(missing_ok=True)
+        log.info("trained %s: %s", reducer.name, metrics)
 
-
-def job_token() -> str:
-    """An id every process of this job shares (its DDP ranks), and no other job: the SLURM job and
-    attempt, or one drawn by rank 0 before Lightning starts the other ranks (they inherit it)."""
-    info = slurm.job_info()
-    if info is not None:
-        return f"slurm-{info['job_id']}-{info['restart_count']}"
-    return os.environ.setdefault("TNT_JOB_TOKEN", uuid.uuid4().hex[:12])
-
-
-def post(decision: Path, choice: str, distributed: bool) -> None:
-    """Rank 0 tells the other ranks of its job whether they train with it (``train``), load the
-    cached artefact (``cached``), or fail (``refused``)."""
-    if distributed:
-        write_atomic(decision, choice)
-
-
-def wait_for(path: Path, timeout_s: float | None = 600.0) -> Path:
-    """Other DDP ranks wait for rank 0 to write ``path`` (its decision, or the trained file)."""
-    deadline = None if timeout_s is None else time.time() + timeout_s
-    while not path.exists():
-        if deadline is not None and time.time() > deadline:
-            raise TrainedParametersError(
-                f"rank {rank_zero_only.rank}: {path} did not appear in {timeout_s} s"
-            )
-        time.sleep(1.0)
-    return path
+    trained = train_once(
+        ranks,
+        Path(str(workdir) + ".lock"),
+        workdir,
+        reuse,
+        train_and_save,
+        refuse=lambda: raise_untrained(cfg, reducer, final),
+        saved=lambda: checksum_matches(final),
+        may_train=may_train,
+    )
+    return final, trained
 
 
 def load_trained(
