@@ -63,7 +63,7 @@ gpu-check: ## Every CUDA path on one GPU (<= 8 min): gpu tests, methods, through
 	$(PYTHON) -m tnt_lightning.measure.gpu_check --device cuda --out reports/gpu $(GPU_CHECK_ARGS)
 
 gpu-check-smoke: ## The GPU check's script on the CPU, small: known to work before a GPU minute is spent (CI)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PYTHON) -m tnt_lightning.measure.gpu_check --device cpu --smoke --out reports/gpu/smoke $(GPU_CHECK_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m tnt_lightning.measure.gpu_check --device cpu --smoke --out reports/gpu/smoke $(GPU_CHECK_ARGS)
 
 # Sweeps (sweeps/<name>.yaml; `ls sweeps`). ARGS adds overrides: ARGS="model=deit_base_distilled".
 # SWEEP may be empty for slurm/slurm-dry: then ARGS alone say what runs.
