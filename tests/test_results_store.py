@@ -593,3 +593,34 @@ def test_a_job_killed_anywhere_in_its_store_writes_is_recorded_once_and_leaves_n
     assert doctor(tmp_path, repair=False) == (1 if point == "mid_append" else 0)
     assert doctor(tmp_path, repair=True) == 0 and doctor(tmp_path, repair=False) == 0
     assert store.recorded("eval", key)["run_id"] == expected
+
+
+def test_a_method_whose_code_version_is_bumped_is_a_new_experiment_and_a_new_artefact(tmp_path, monkeypatch):
+    """Records and trained artefacts of a changed method are not reused; other methods keep theirs."""
+    from hydra.utils import instantiate
+
+    from tnt_lightning.engine import backbone_info
+    from tnt_lightning.methods import TNT, TopK, build_reducer
+    from tnt_lightning.models import create_model
+    from tnt_lightning.tasks.inputs import stamp_method_version
+    from tnt_lightning.tasks.train import training_identity
+
+    def key(method: str) -> str:
+        cfg = compose_config([f"method={method}"], tmp_path)
+        stamp_method_version(cfg)
+        return config_key(container(cfg))
+
+    def identity() -> dict:
+        cfg = compose_config(["method=tnt"], tmp_path)
+        spec = instantiate(cfg.model)
+        info = backbone_info(create_model(spec))
+        reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, info)
+        return training_identity(cfg, spec, reducer)
+
+    before = {m: key(m) for m in ("topk", "evit", "tnt")}
+    tnt_before = identity()
+    monkeypatch.setattr(TopK, "version", 2)
+    monkeypatch.setattr(TNT, "version", 2)
+    assert key("topk") != before["topk"] and key("tnt") != before["tnt"]
+    assert key("evit") == before["evit"]
+    assert identity() != tnt_before and identity()["method_version"] == 2

@@ -304,3 +304,18 @@ def test_wandb_runs_are_named_grouped_and_tagged_for_the_dashboard(tmp_path):
         "ablation",
     ]
     assert wandb_run_fields(cfg, cfg.logger.csv) == {}
+
+
+def test_skipped_records_of_another_commit_are_said_in_one_line():
+    from tnt_lightning.sweep_report import Outcome, other_commit_line
+
+    now, old = "a" * 40, "b" * 40
+    outcomes = [
+        Outcome(0, "keep_rate=0.5", "skipped", "already recorded", recorded_by=old),
+        Outcome(1, "keep_rate=0.7", "skipped", "already recorded", recorded_by=now),
+        Outcome(2, "keep_rate=0.9", "recorded", "run x", recorded_by=now),
+    ]
+    line = other_commit_line(outcomes, current=now)
+    assert line.startswith("1 skipped job(s) were recorded by another commit (bbbbbbbbbbbb;")
+    assert "skip_recorded=false" in line
+    assert other_commit_line(outcomes[1:], current=now) is None

@@ -40,6 +40,7 @@ class Outcome:
     overrides: str  # the job's own overrides (those the sweep varies)
     status: str
     detail: str
+    recorded_by: str | None = None  # a skipped job's record: the commit that made it
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
@@ -133,6 +134,7 @@ class SweepReport(Callback):
             outcome = Outcome(job, own, "skipped", "running elsewhere (run_task's claim)")
         elif isinstance(value, dict):
             outcome = Outcome(job, own, *describe_record(value, self.started.get(job, time.time())))
+            outcome.recorded_by = (value.get("env") or {}).get("git_commit")
         else:
             outcome = Outcome(job, own, "done", "")
         self.outcomes[job] = outcome
@@ -168,8 +170,33 @@ class SweepReport(Callback):
         if not outcomes:  # nothing ran here (hydra/launcher=slurm_dry)
             return
         print(format_table([outcomes[k] for k in sorted(outcomes)], self.total), flush=True)
+        older = other_commit_line(list(outcomes.values()))
+        if older:
+            print(older, flush=True)
         if any(o.status == "failed" for o in outcomes.values()):
             raise SystemExit(1)  # a callback's exception would only be a warning
+
+
+def other_commit_line(outcomes: list[Outcome], current: str | None = None) -> str | None:
+    """One line when skipped jobs were recorded by another commit than this code's, with how to
+    run them again; None when every skipped record is this commit's (or no commit is known)."""
+    if current is None:
+        from .tasks.records import git_commit
+
+        current = git_commit()
+    if current is None:
+        return None
+    older = sorted(
+        {o.recorded_by for o in outcomes if o.status == "skipped" and o.recorded_by not in (None, current)}
+    )
+    if not older:
+        return None
+    count = sum(o.status == "skipped" and o.recorded_by in older for o in outcomes)
+    commits = ", ".join(c[:12] for c in older)
+    return (
+        f"{count} skipped job(s) were recorded by another commit ({commits}; this code is {current[:12]}): "
+        f"add skip_recorded=false to the same command to measure them again with this code"
+    )
 
 
 def format_table(outcomes: list[Outcome], total: int | None = None) -> str:

@@ -32,7 +32,16 @@ from .zerotp import ZeroTP
 
 # Keys of a method config that are not constructor options: its schedule defaults, and for learned
 # methods where trained parameters come from and how they are trained.
-NON_OPTION_KEYS = ("_target_", "name", "single_block", "multi_blocks", "checkpoint", "trust_pickle", "train")
+NON_OPTION_KEYS = (
+    "_target_",
+    "name",
+    "version",
+    "single_block",
+    "multi_blocks",
+    "checkpoint",
+    "trust_pickle",
+    "train",
+)
 
 __all__ = [
     "ATS",

@@ -37,9 +37,10 @@ def run_task(cfg: DictConfig) -> dict[str, Any] | None:
     128 + the signal's number; a failure is recorded and raised.
     """
     keep_freed_memory()  # a sweep's jobs share this process (memory.py)
-    from .inputs import resolve_inputs  # timm's metadata: imported once a run starts
+    from .inputs import resolve_inputs, stamp_method_version  # timm's metadata: imported once a run starts
 
     resolve_inputs(cfg)  # the resolved preprocessing goes into the record and the key
+    stamp_method_version(cfg)  # so does the method's code version
     validate(cfg)
     check_environment(cfg)
     preflight(cfg)  # the method on the backbone, before any record or logger (preflight.py)

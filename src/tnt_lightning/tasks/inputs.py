@@ -1,4 +1,5 @@
-"""A run's inputs settled before anything runs: the backbone's input size and preprocessing.
+"""What a run's config leaves open, settled before anything runs: the backbone's input size and
+preprocessing, and the method's code version.
 
 The resolved values are written into the config itself, so that the run's record and its
 experiment key hold what was used, not only where it was asked to come from.
@@ -8,12 +9,25 @@ from __future__ import annotations
 
 import logging
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.preprocess import Preprocessing, resolve_preprocessing
 from ..models.backbones import timm_input_size
 
 log = logging.getLogger(__name__)
+
+
+def stamp_method_version(cfg: DictConfig) -> None:
+    """Write the method's code version (:attr:`TokenReducer.version`) into ``method.version`` when it
+    is past 1, so that the experiment key of a changed method differs from its older records'."""
+    target = cfg.method.get("_target_")
+    if target is None:
+        return
+    version = getattr(get_class(target), "version", 1)
+    if version != 1:
+        with open_dict(cfg.method):
+            cfg.method.version = version
 
 
 def resolve_inputs(cfg: DictConfig) -> Preprocessing | None:

@@ -141,6 +141,8 @@ def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     }
     if world_size > 1:  # one process: the identity of artefacts trained before DDP counted
         identity["world_size"] = world_size
+    if reducer.version != 1:  # the first version: the identity of artefacts trained before versions
+        identity["method_version"] = reducer.version
     return identity
 
 
