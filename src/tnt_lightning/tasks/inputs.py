@@ -47,7 +47,7 @@ def resolve_inputs(cfg: DictConfig) -> Preprocessing | None:
     if preprocess is None:
         return None
     asked = OmegaConf.to_container(preprocess, resolve=True)
-    if asked.get("origin"):  # resolved already (a run's own config, or a DDP rank's second call)
+    if asked.get("origin"):  # resolved already: a config a caller resolved before run_task
         return Preprocessing(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in asked.items() if k != "source"}
         )
