@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Iterator
@@ -83,6 +84,32 @@ def _from_submitit(tb: TracebackType | None) -> bool:
     return any("submitit" in frame.filename for frame in traceback.extract_tb(tb))
 
 
+def _loaded_class(module: str, name: str) -> type[BaseException] | None:
+    """The exception class ``module.name`` if its module is loaded, else None.
+
+    An exception of that class can only have been raised once its module was imported, so a module
+    not loaded means "not this class" -- and importing Lightning here would take seconds on the way
+    out of a stopped job. A loaded module without the class is an error, not a silent mismatch.
+    """
+    loaded = sys.modules.get(module)
+    return None if loaded is None else getattr(loaded, name)
+
+
+def _is_instance(exc: BaseException, module: str, name: str) -> bool:
+    cls = _loaded_class(module, name)
+    return cls is not None and isinstance(exc, cls)
+
+
+def _submitit_gave_up(exc: BaseException, tb: TracebackType | None) -> bool:
+    """submitit's signal handler raised UncompletedJobError: it will not requeue this job again.
+    (Its subclass FailedJobError reports another job's failure: a failure, not a time-out.)"""
+    return (
+        _is_instance(exc, "submitit.core.utils", "UncompletedJobError")
+        and not _is_instance(exc, "submitit.core.utils", "FailedJobError")
+        and _from_submitit(tb)
+    )
+
+
 def outcome(exc: BaseException | None, tb: TracebackType | None) -> tuple[str, int | None]:
     """(record status, exit code to end the process with, or None to let the exception go on)."""
     if exc is None:
@@ -90,7 +117,7 @@ def outcome(exc: BaseException | None, tb: TracebackType | None) -> tuple[str, i
     noted = slurm.interruption_status()  # SLURM requeued or cancelled the job: the launcher ends it
     if noted is not None:
         return noted, None
-    if type(exc).__name__ == "UncompletedJobError" and _from_submitit(tb):
+    if _submitit_gave_up(exc, tb):
         return "timed_out", None
     for link in _chain(exc):
         if isinstance(link, JobInterrupted):
@@ -100,7 +127,7 @@ def outcome(exc: BaseException | None, tb: TracebackType | None) -> tuple[str, i
     if isinstance(exc, SystemExit):
         if exc.code == -1 and _from_submitit(tb):
             return "preempted", None
-        if type(exc).__name__ == "SIGTERMException":  # Lightning's, raised with no exit code
+        if _is_instance(exc, "lightning.pytorch.utilities.exceptions", "SIGTERMException"):  # no exit code
             return "interrupted", 128 + signal.SIGTERM
         return "interrupted", None
     return "failed", None
