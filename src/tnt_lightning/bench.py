@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import MEASURE_DTYPES, register_configs
+from .config import MEASURE_DTYPES, config_dir, register_configs
 from .engine import ReductionError, apply_reducer, backbone_info
 from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
 from .measure.throughput import device_name
@@ -40,7 +40,7 @@ from .memory import keep_freed_memory
 from .methods import build_reducer
 from .models import create_model, drop_distillation_token
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 # Every method of conf/method but `none`, in the README's order.
 METHODS = [
     "random", "topk", "evit", "tome", "zerotp", "etps", "tnt", "dynamicvit", "dtps",

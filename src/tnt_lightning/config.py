@@ -58,6 +58,27 @@ class ConfigError(UserError, ValueError):
     """A config value is out of its allowed range."""
 
 
+# conf/ of the repository, shipped inside the package (pyproject.toml): Hydra reads it as
+# pkg://tnt_lightning.conf wherever the package is installed.
+CONFIG_PACKAGE = "tnt_lightning.conf"
+
+
+def config_dir() -> Path:
+    """The config folder on disk, for what needs a path rather than Hydra's search path (key
+    checks, sweeps, bench, budget): the clone's conf/ in an editable install, else the wheel's."""
+    from importlib.resources import files
+
+    return Path(str(files(CONFIG_PACKAGE)))
+
+
+def source_root() -> Path | None:
+    """The clone this package runs from (an editable install), or None for an installed wheel:
+    what asks git or the test suite must not ask whichever folder happens to hold site-packages."""
+    package = Path(__file__).resolve().parent
+    root = package.parents[1]
+    return root if package.parent.name == "src" and (root / "pyproject.toml").is_file() else None
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=RunConfig)
     if not OmegaConf.has_resolver("cwd"):

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from ..config import config_dir
 from ..engine import backbone_info
 from ..models import BackboneSpec, create_model
 from .analytic import vit_macs
 from .flops import count_macs
 
-CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
+CONF = config_dir() / "model"
 BACKBONES = ("deit_tiny_distilled", "deit_small_distilled", "deit_base_distilled", "vit_b16_meanpool")
 
 

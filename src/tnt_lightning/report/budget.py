@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -21,14 +20,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..config import register_configs
+from ..config import config_dir, register_configs
 from ..engine import ReductionError, apply_reducer, backbone_info, remove_reducer
 from ..measure import count_macs
 from ..methods import build_reducer
 from ..models import create_model, drop_distillation_token
 from .tables import method_order
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = config_dir()
 
 
 def available_methods() -> list[str]:

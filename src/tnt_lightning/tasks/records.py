@@ -12,7 +12,6 @@ import time
 import traceback
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -58,7 +57,12 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[3]
+    """The clone's commit (``-dirty`` with uncommitted changes); None for an installed wheel."""
+    from ..config import source_root
+
+    root = source_root()
+    if root is None:
+        return None
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
