@@ -11,6 +11,7 @@ from .reducer import (
     Site,
     TokenReducer,
 )
+from .registry import MethodInfo, register_method
 from .tokens import Tokens, complement, gather_rows
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "AttentionNeeds",
     "BackboneInfo",
     "Location",
+    "MethodInfo",
     "ReductionError",
     "Site",
     "TokenReducer",
@@ -28,6 +30,7 @@ __all__ = [
     "backbone_info",
     "complement",
     "gather_rows",
+    "register_method",
     "remove_reducer",
     "softmax_with_policy",
 ]

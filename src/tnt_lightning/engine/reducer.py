@@ -77,7 +77,8 @@ class ReductionError(UserError, ValueError):
 class TokenReducer(nn.Module):
     """Base class of every method.
 
-    Subclasses set ``name``, implement :meth:`locations` and :meth:`reduce`, and override
+    Subclasses register with :func:`~.registry.register_method` (which sets ``name`` and
+    ``requires_class_token``), implement :meth:`locations` and :meth:`reduce`, and override
     :meth:`needs`, :meth:`bind` and :meth:`from_schedule` as required. ``prop_attn``: add
     ``log(size)`` to the attention
     logits of later blocks once tokens carry sizes (ToMe's proportional attention).
@@ -106,10 +107,12 @@ class TokenReducer(nn.Module):
         Raises :class:`ReductionError` with what was asked, why it cannot be done and what would.
         """
         if self.requires_class_token and not info.has_class_token:
+            from .registry import methods_without  # the registry imports this module
+
             raise ReductionError(
                 f"method={self.name} ranks tokens by the CLS token's attention, but this backbone has no "
                 f"CLS token (global_pool={info.global_pool!r}); use a CLS-token model (DeiT, vit_mnist) or "
-                f"a method that needs none (random, tome, zerotp, tnt, dynamicvit)"
+                f"a method that needs none ({', '.join(methods_without('cls_token'))})"
             )
         for loc in self.locations():
             if loc.site is not Site.PRE and not 0 <= loc.block < info.depth:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Location, Site, Tokens
+from ..engine.registry import register_method
 from .absolute import AbsoluteStages
 
 
@@ -76,10 +77,19 @@ def unique_padded(samples: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return torch.where(real, ranked, ranked[:, :1]), real
 
 
+@register_method(
+    "ats",
+    kind="training-free",
+    operation="pruning",
+    needs=("cls_token", "cls_attention", "values"),
+    keep_rule="at most int(n0*rho^j), fewer when samples coincide",
+    paper="Fayyaz et al., ATS, ECCV 2022, training-free as in Haurum et al. 2023",
+    reference="Haurum et al.'s TokenReduction code",
+    order=13,
+    colour="#98df8a",
+)
 class ATS(AbsoluteStages):
-    name = "ats"
     site = Site.INSIDE
-    requires_class_token = True
     prop_attn = True  # placeholders (size 0) get no attention
     image_dependent_cost = True
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..engine import AttentionInfo, Location, ReductionError, Site, Tokens, gather_rows
+from ..engine.registry import register_method
 from .absolute import AbsoluteStages, merge_clusters
 
 
@@ -45,8 +46,17 @@ def dpc_knn(x: Tensor, clusters: int, neighbours: int, noise: Tensor) -> tuple[T
     return centres, assignment
 
 
+@register_method(
+    "dpcknn",
+    kind="training-free",
+    operation="merging",
+    keep_rule="int(n0*rho^j) cluster means",
+    paper="Haurum et al. 2023, after TCFormer's DPC-KNN (Zeng et al. 2022)",
+    reference="Haurum et al.'s TokenReduction code (--equal_weight)",
+    order=12,
+    colour="#ffbb78",
+)
 class DPCKNN(AbsoluteStages):
-    name = "dpcknn"
     site = Site.AFTER
 
     def __init__(

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens, gather_rows
 from ..engine.attention import official_rounding
+from ..engine.registry import register_method
 from .learned import LearnedReducer, TrainingOutput, classification_loss
 from .squeeze import squeeze, squeeze_masked
 
@@ -70,8 +71,17 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+@register_method(
+    "dynamicvit",
+    kind="learned",
+    operation="pruning",
+    keep_rule="int(n0*rho^j) of the initial n0 at stage j",
+    paper="Rao et al., DynamicViT, NeurIPS 2021",
+    reference="official DynamicViT (raoyongming/DynamicViT)",
+    order=4,
+    colour="#9467bd",
+)
 class DynamicViT(LearnedReducer):
-    name = "dynamicvit"
     squeeze_pruned = False
     # The paper-compat single-layer model: three stages where the schedule names one block.
     single_layer_compat = False
@@ -278,8 +288,17 @@ class DynamicViT(LearnedReducer):
         return TrainingOutput(loss, logits.detach(), stats)
 
 
+@register_method(
+    "dtps",
+    kind="learned",
+    operation="pruning+merging",
+    keep_rule="int(n0*rho^j) of the initial n0 at stage j",
+    paper="Wei et al., TPS, CVPR 2023",
+    reference="official TPS code (dTPS)",
+    order=5,
+    colour="#8c564b",
+)
 class DTPS(DynamicViT):
     """dTPS: DynamicViT's decisions, with every stage's pruned tokens squeezed into their hosts."""
 
-    name = "dtps"
     squeeze_pruned = True

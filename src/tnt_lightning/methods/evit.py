@@ -17,15 +17,25 @@ from collections.abc import Sequence
 import torch
 
 from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens, complement, gather_rows
+from ..engine.registry import register_method
 from .keep import keep_ceil
 from .staged import StagedReducer
 from .topk import cls_attention
 
 
+@register_method(
+    "evit",
+    kind="training-free",
+    operation="pruning+merging",
+    needs=("cls_token", "cls_attention"),
+    keep_rule="ceil(K*n) kept, the rest fused into one token",
+    paper="Liang et al., EViT, ICLR 2022",
+    reference="official EViT (youweiliang/evit)",
+    order=7,
+    colour="#7f7f7f",
+)
 class EViT(StagedReducer):
-    name = "evit"
     site = Site.INSIDE
-    requires_class_token = True
 
     def __init__(
         self,

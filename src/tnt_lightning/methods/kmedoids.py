@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Location, ReductionError, Site, Tokens, gather_rows
+from ..engine.registry import register_method
 from .absolute import AbsoluteStages, merge_clusters
 
 
@@ -43,8 +44,18 @@ def k_medoids(x: Tensor, weight: Tensor, k: int, iterations: int) -> tuple[Tenso
     return medoids, assignment
 
 
+@register_method(
+    "kmedoids",
+    kind="training-free",
+    operation="merging",
+    needs=("attention_probs",),
+    keep_rule="int(n0*rho^j) medoids",
+    paper="Haurum et al. 2023",
+    reference="Haurum et al.'s TokenReduction code",
+    order=11,
+    colour="#aec7e8",
+)
 class KMedoids(AbsoluteStages):
-    name = "kmedoids"
     site = Site.AFTER
 
     def __init__(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import BackboneInfo
+from ..engine.registry import register_method
 from .soft_merge import MergeStage, SoftMergeReducer
 
 
@@ -33,9 +34,17 @@ class PatchMergerStage(MergeStage):
         return weights @ x, weights
 
 
+@register_method(
+    "patchmerger",
+    kind="learned",
+    operation="merging",
+    keep_rule="int(n0*rho^j) output tokens",
+    paper="Renggli et al., PatchMerger, 2022, as in Haurum et al. 2023",
+    reference="Haurum et al.'s TokenReduction code",
+    order=14,
+    colour="#ff9896",
+)
 class PatchMerger(SoftMergeReducer):
-    name = "patchmerger"
-
     def __init__(
         self,
         info: BackboneInfo,

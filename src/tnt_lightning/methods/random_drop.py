@@ -9,12 +9,22 @@ from __future__ import annotations
 import torch
 
 from ..engine import AttentionInfo, Site, Tokens
+from ..engine.registry import register_method
 from .keep import keep_floor
 from .staged import StagedReducer
 
 
+@register_method(
+    "random",
+    kind="training-free",
+    operation="pruning",
+    keep_rule="int(n*K) patches, drawn at random",
+    paper="baseline",
+    reference="none (a baseline)",
+    order=1,
+    colour="#ff7f0e",
+)
 class RandomDrop(StagedReducer):
-    name = "random"
     site = Site.AFTER
 
     def count_after(self, n: int, rate: float) -> int:

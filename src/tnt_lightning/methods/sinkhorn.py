@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import BackboneInfo, ReductionError
+from ..engine.registry import register_method
 from .soft_merge import MergeStage, SoftMergeReducer
 
 
@@ -58,9 +59,17 @@ class SinkhornStage(MergeStage):
         return weights @ x, weights
 
 
+@register_method(
+    "sinkhorn",
+    kind="learned",
+    operation="merging",
+    keep_rule="int(n0*rho^j) output tokens",
+    paper="Haurum et al. 2023, from MSHViT",
+    reference="Haurum et al.'s TokenReduction code",
+    order=15,
+    colour="#c5b0d5",
+)
 class Sinkhorn(SoftMergeReducer):
-    name = "sinkhorn"
-
     def __init__(
         self,
         info: BackboneInfo,

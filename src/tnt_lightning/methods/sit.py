@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import BackboneInfo, ReductionError
+from ..engine.registry import register_method
 from .soft_merge import MergeStage, SoftMergeReducer, init_like_timm_vit
 
 
@@ -37,9 +38,17 @@ class SlimmingStage(MergeStage):
         return weights @ x, weights
 
 
+@register_method(
+    "sit",
+    kind="learned",
+    operation="merging",
+    keep_rule="int(n0*rho^j) output tokens",
+    paper="Zong et al., SiT, 2022, as in Haurum et al. 2023",
+    reference="Haurum et al.'s TokenReduction code",
+    order=16,
+    colour="#c49c94",
+)
 class SiT(SoftMergeReducer):
-    name = "sit"
-
     def __init__(
         self,
         info: BackboneInfo,

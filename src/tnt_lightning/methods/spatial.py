@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens
+from ..engine.registry import register_method
 from .absolute import AbsoluteStages
 
 PATTERNS = ("l1", "l2", "linf")
@@ -52,8 +53,17 @@ def threshold_for(distances: torch.Tensor, target: int) -> float:
     return best
 
 
+@register_method(
+    "spatial",
+    kind="training-free",
+    operation="pruning",
+    keep_rule="the achievable count nearest int(n0*rho^j)",
+    paper="Haurum et al. 2023",
+    reference="Haurum et al.'s TokenReduction code",
+    order=10,
+    colour="#1f77b4",
+)
 class SpatialHeuristic(AbsoluteStages):
-    name = "spatial"
     site = Site.AFTER
 
     def __init__(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens, gather_rows
+from ..engine.registry import register_method
 from .keep import keep_floor
 from .learned import LearnedReducer, TrainingOutput, classification_loss
 from .similarity import random_partition_merge, random_partition_prune, sequential_partition_prune
@@ -52,9 +53,17 @@ def make_alpha_head(dim: int, allocator: str) -> nn.Module:
     return head
 
 
+@register_method(
+    "tnt",
+    kind="learned",
+    operation="pruning",
+    keep_rule="int(n*K) + s by alpha, then s by similarity (multi-layer: int(n*K))",
+    paper="Rao, Jiang, Moyer, TNT, 2024",
+    reference="official TNT code",
+    order=9,
+    colour="#17becf",
+)
 class TNT(LearnedReducer):
-    name = "tnt"
-
     def __init__(
         self,
         info: BackboneInfo,

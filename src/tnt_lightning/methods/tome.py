@@ -27,6 +27,7 @@ from ..engine import (
     Tokens,
     gather_rows,
 )
+from ..engine.registry import register_method
 from .keep import tome_merge_count, tome_single_layer_r
 
 # keys_mean: the official metric, the block's keys averaged over heads (D/H wide). keys: all heads
@@ -34,9 +35,18 @@ from .keep import tome_merge_count, tome_single_layer_r
 METRICS = ("keys_mean", "keys")
 
 
+@register_method(
+    "tome",
+    kind="training-free",
+    operation="merging",
+    needs=("keys",),
+    keep_rule="n - r per block (single-layer: r = n - int(n*K))",
+    paper="Bolya et al., ToMe, ICLR 2023",
+    reference="official ToMe (facebookresearch/ToMe)",
+    order=6,
+    colour="#e377c2",
+)
 class ToMe(TokenReducer):
-    name = "tome"
-
     def __init__(
         self,
         blocks: Sequence[int],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens
+from ..engine.registry import register_method
 from .keep import keep_floor
 from .staged import StagedReducer
 
@@ -20,10 +21,19 @@ def cls_attention(attn: AttentionInfo, num_prefix: int) -> Tensor:
     return attn.cls_probs[:, :, 0, num_prefix:].mean(dim=1)
 
 
+@register_method(
+    "topk",
+    kind="training-free",
+    operation="pruning",
+    needs=("cls_token", "cls_attention"),
+    keep_rule="int(n*K) of the current n",
+    paper="Haurum et al. 2023, placed as in TNT",
+    reference="official EViT with fuse_token=False (youweiliang/evit)",
+    order=2,
+    colour="#2ca02c",
+)
 class TopK(StagedReducer):
-    name = "topk"
     site = Site.INSIDE
-    requires_class_token = True
 
     def needs(self, block: int) -> AttentionNeeds:
         return AttentionNeeds(cls_probs=self.rates.get(block, 1.0) < 1.0)

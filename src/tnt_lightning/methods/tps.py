@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine import AttentionInfo, AttentionNeeds, ReductionError, Site, Tokens, complement, gather_rows
+from ..engine.registry import register_method
 from .keep import keep_ceil, keep_floor
 from .squeeze import squeeze
 from .staged import StagedReducer
@@ -20,10 +21,19 @@ from .topk import cls_attention
 ROUNDINGS = {"floor": keep_floor, "ceil": keep_ceil}
 
 
+@register_method(
+    "etps",
+    kind="training-free",
+    operation="pruning+merging",
+    needs=("cls_token", "cls_attention"),
+    keep_rule="int(n*K) (method.rounding=ceil: EViT's)",
+    paper="Wei et al., TPS, CVPR 2023",
+    reference="official TPS squeeze and EViT",
+    order=8,
+    colour="#bcbd22",
+)
 class ETPS(StagedReducer):
-    name = "etps"
     site = Site.INSIDE
-    requires_class_token = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from ..engine import (
     Tokens,
     gather_rows,
 )
+from ..engine.registry import register_method
 from .keep import keep_floor
 from .similarity import sequential_partition_prune
 
@@ -74,9 +75,18 @@ def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
     return torch.cat(importance)
 
 
+@register_method(
+    "zerotp",
+    kind="training-free",
+    operation="pruning",
+    needs=("attention_probs", "keys"),
+    keep_rule="int(n*K) + s by importance, then s dropped by similarity",
+    paper="Wang et al., Zero-TPrune, CVPR 2024",
+    reference="none, reimplemented from the paper",
+    order=3,
+    colour="#d62728",
+)
 class ZeroTP(TokenReducer):
-    name = "zerotp"
-
     def __init__(
         self,
         blocks: Sequence[int],
