@@ -91,3 +91,18 @@ def test_an_all_methods_sweep_lists_every_method_but_its_documented_exceptions(s
         ","
     )
     assert sorted(listed) == sorted(set(YAMLS) - set(SWEEP_EXCEPTIONS[sweep]))
+
+
+def test_the_bench_report_and_budget_take_their_methods_from_the_registry():
+    from tnt_lightning import bench
+    from tnt_lightning.report import budget, plots, tables
+
+    names = method_names()
+    assert bench.parse(["--methods", ",".join(names)]).methods.split(",") == names
+    assert sorted(reversed(names), key=tables.method_order) == names
+    assert tables.method_order(BASELINE) < tables.method_order(names[0])
+    assert budget.available_methods() == names
+    colours = [plots._color(name) for name in [BASELINE, *names]]
+    assert len(set(colours)) == len(colours)  # no two methods share a colour
+    assert plots._color("tnt_mlp") == plots._color("tnt")
+    assert plots._color("someone_elses") not in colours

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 
 from .config import MEASURE_DTYPES, config_dir, register_configs
 from .engine import ReductionError, apply_reducer, backbone_info
+from .engine.registry import method_names
 from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
 from .measure.throughput import device_name
 from .memory import keep_freed_memory
@@ -41,11 +42,8 @@ from .methods import build_reducer
 from .models import create_model, drop_distillation_token
 
 CONF = config_dir()
-# Every method of conf/method but `none`, in the README's order.
-METHODS = [
-    "random", "topk", "evit", "tome", "zerotp", "etps", "tnt", "dynamicvit", "dtps",
-    "ats", "dpcknn", "kmedoids", "patchmerger", "sinkhorn", "sit", "spatial",
-]  # fmt: skip
+# Every registered method (the baseline `none` is the base every row is timed against), in display order.
+METHODS = method_names()
 # Multi-layer overrides a method needs (ToMe merges r tokens per block: the paper's lightest row).
 MULTI_OVERRIDES = {"tome": ["method.r=8"]}
 COLUMNS = [

@@ -434,10 +434,11 @@ def check_compiled(ctx: Context, method: str) -> dict[str, Any]:
 
 
 def learned_methods(methods: list[str]) -> list[str]:
-    """The methods of ``methods`` that train parameters (their config has a ``train`` recipe)."""
-    from ..bench import CONF
+    """The methods of ``methods`` that train parameters (registered as learned)."""
+    from ..engine.registry import learned_methods as registered
 
-    return [m for m in methods if "\ntrain:" in (CONF / "method" / f"{m}.yaml").read_text()]
+    learned = set(registered())
+    return [m for m in methods if m in learned]
 
 
 def check_training(ctx: Context, method: str) -> dict[str, Any]:

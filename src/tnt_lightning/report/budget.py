@@ -22,17 +22,18 @@ from tqdm import tqdm
 
 from ..config import config_dir, register_configs
 from ..engine import ReductionError, apply_reducer, backbone_info, remove_reducer
+from ..engine.registry import method_names
 from ..measure import count_macs
 from ..methods import build_reducer
 from ..models import create_model, drop_distillation_token
-from .tables import method_order
 
 CONF = config_dir()
 
 
 def available_methods() -> list[str]:
-    """Every method config (``conf/method``) except ``none``: what a budget is matched for by default."""
-    return sorted((p.stem for p in (CONF / "method").glob("*.yaml") if p.stem != "none"), key=method_order)
+    """Every registered method (``none`` has no budget to match), in display order: what a budget
+    is matched for by default."""
+    return method_names()
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..engine.registry import BASELINE, colour, method_names
 from .tables import PAPER_DATA, Group, Row, method_order, paper_points
 
 AXES = {
@@ -22,8 +22,15 @@ AXES = {
 }
 
 
-def _color(method: str):
-    return colormaps["tab10"](method_order(method)[0] % 10)
+# The colour of a method the registry does not know (an old record's, another package's).
+UNREGISTERED_COLOUR = "#404040"
+
+
+def _color(method: str) -> str:
+    """The method's registered colour (a variant such as ``tnt_mlp`` shares its method's); a
+    method the registry does not know is drawn in a dark grey no registered method uses."""
+    base = method.removesuffix("_mlp")
+    return colour(base) if base in {BASELINE, *method_names()} else UNREGISTERED_COLOUR
 
 
 def plot_lines(group: Group, metric: str) -> list[tuple[str, str, list[Row]]]:

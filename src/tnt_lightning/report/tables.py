@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..engine.registry import display_order
 from ..paper import anchor_exception, load_results, overrides_for
 from ..results import comparable_config, read_records, results_path
 
@@ -27,7 +28,6 @@ PAPER_PATCHES = 196  # the paper's backbones are 224/16: keep rates are fraction
 PAPER_DATA = "imagenet"
 # The paper prints 2 decimals; two printings of one cell within this are the same number.
 PAPER_TOLERANCE = 0.015
-METHOD_ORDER = ("none", "random", "topk", "zerotp", "dynamicvit", "dtps", "tome", "evit", "etps", "tnt")
 EVAL_TASKS = ("eval", "train_eval")
 METRICS = ("acc1", "acc5", "gflops", "throughput_img_s", "speedup", "speedup_over_flops_limit")
 
@@ -72,9 +72,9 @@ class Setting:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key: the paper's table order, unknown methods after, by name."""
-    base = method.removesuffix("_mlp")
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Sort key: the registry's display order (a variant such as ``tnt_mlp`` with its method),
+    unknown methods after, by name."""
+    return (display_order(method.removesuffix("_mlp")), method)
 
 
 # ---------------------------------------------------------------- records

@@ -31,6 +31,7 @@ from torch import nn
 from ..config import ConfigError, UserError, epoch_budget
 from ..ddp import Ranks, train_once
 from ..engine import apply_reducer, backbone_info
+from ..engine.registry import learned_methods
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
 from ..lit.optim import epoch_lr
@@ -478,7 +479,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         recorder.fields["schedule"] = schedule
         if not isinstance(reducer, LearnedReducer):
             raise ConfigError(
-                f"method={cfg.method.name} has nothing to train; task=train is for tnt, dynamicvit, dtps"
+                f"method={cfg.method.name} has nothing to train; task=train is for "
+                f"{', '.join(learned_methods())}"
             )
         reducer.bind(backbone_info(model))
         check_checkpoint(model, spec)  # the given weight files, before any training
