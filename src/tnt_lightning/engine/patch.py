@@ -4,21 +4,27 @@ Like ToMe's timm patch, :func:`apply_reducer` swaps the model's class for a subc
 forward runs the blocks one by one and calls the method at its locations. The modules, the
 weights and the state-dict keys stay timm's (the method's own parameters live under
 ``reducer.``), so any timm checkpoint loads unchanged, and :func:`remove_reducer` restores the
-original class.
+original class. timm's ``set_grad_checkpointing`` keeps working: each block's backbone parts are
+checkpointed (the method's own steps between them are not).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
+import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from .attention import attend
-from .reducer import AttentionInfo, BackboneInfo, Location, Site, TokenReducer
+from .attention import attend, official_rounding, official_rounding_enabled
+from .reducer import AttentionInfo, AttentionNeeds, BackboneInfo, Location, Site, TokenReducer
 from .tokens import Tokens
+
+T = TypeVar("T")
 
 
 def backbone_info(model: VisionTransformer) -> BackboneInfo:
@@ -40,6 +46,7 @@ class TokenReductionMixin:
     """The forward pass of a ViT with a token reducer. Mixed into the model's own class."""
 
     reducer: TokenReducer
+    grad_checkpointing: bool  # timm's, set by set_grad_checkpointing()
     reduction_enabled: bool = True
     trace_sources: bool = False
     # Token state after the last forward (sizes, sources, policy): pooling and visualisation read it.
@@ -79,19 +86,31 @@ class TokenReductionMixin:
         if self.reducer.prop_attn and tokens.size is not None:
             bias = tokens.size.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N]
         if inside not in active and not needs and tokens.policy is None:
-            tokens = tokens.with_x(block(tokens.x, attn_mask=bias))
+            tokens = tokens.with_x(self._backbone_step(block, tokens.x, attn_mask=bias))
             return self._reduce(after, tokens, None) if after in active else tokens
 
-        x = tokens.x
-        out, attn = attend(block.attn, block.norm1(x), needs, bias, tokens.policy)
-        x = x + block.drop_path1(block.ls1(out))
+        x, attn = self._backbone_step(_attention_residual, block, tokens.x, needs, bias, tokens.policy)
         tokens = tokens.with_x(x)
         if inside in active:
             tokens = self._reduce(inside, tokens, attn)
-            x = tokens.x
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = self._backbone_step(_mlp_residual, block, tokens.x)
         tokens = tokens.with_x(x)
         return self._reduce(after, tokens, attn) if after in active else tokens
+
+    def _backbone_step(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, checkpointed when timm's ``set_grad_checkpointing`` asked for
+        it (as timm's own forward checkpoints its blocks). Only backbone steps are: a method's step
+        may keep state, which a recomputation in backward would change. The recomputation runs
+        under the forward's :func:`official_rounding`, which ``backward()`` is usually outside of."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return fn(*args, **kwargs)
+        rounding = official_rounding_enabled()
+
+        def run(*a: Any, **kw: Any) -> T:
+            with official_rounding(rounding):
+                return fn(*a, **kw)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         tokens = self.last_tokens
@@ -117,6 +136,19 @@ class TokenReductionMixin:
             yield
         finally:
             self.reduction_enabled = previous
+
+
+def _attention_residual(
+    block: Block, x: Tensor, needs: AttentionNeeds, bias: Tensor | None, policy: Tensor | None
+) -> tuple[Tensor, AttentionInfo]:
+    """timm's ``x + drop_path1(ls1(attn(norm1(x))))``, with what the method reads of the attention."""
+    out, attn = attend(block.attn, block.norm1(x), needs, bias, policy)
+    return x + block.drop_path1(block.ls1(out)), attn
+
+
+def _mlp_residual(block: Block, x: Tensor) -> Tensor:
+    """timm's ``x + drop_path2(ls2(mlp(norm2(x))))``."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 _CLASSES: dict[type, type] = {}
