@@ -17,7 +17,7 @@ from tnt_lightning.data import (
     SyntheticDataModule,
     load_rgb,
 )
-from tnt_lightning.results.keys import DEIT_PREPROCESSING
+from tnt_lightning.results.identity import DEIT_PREPROCESSING
 
 
 def _image(mode: str, size=(40, 30)) -> Image.Image:

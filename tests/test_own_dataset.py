@@ -108,9 +108,15 @@ def test_scratch_backbone_follows_the_data_and_its_key_only_what_sets_the_weight
     assert list(cfg.model.input_size) == [1, 48, 48] and cfg.model.pretrain.data.root == "/d"
     assert list(compose_cfg("model=vit_scratch", "model.num_classes=10").model.input_size) == [1, 28, 28]
     base = _scratch_key(compose_cfg)
-    for harmless in ("data.num_workers=1", "data.eval_batch_size=7", "data.on_bad_image=skip"):
+    for harmless in ("data.num_workers=1", "data.eval_batch_size=7", "data.root=/e"):
         assert _scratch_key(compose_cfg, harmless) == base, harmless
-    for relevant in ("data.augment=light", "data.image_size=32", "data.batch_size=32", "data.root=/e"):
+    relevant_overrides = (
+        "data.augment=light",
+        "data.image_size=32",
+        "data.batch_size=32",
+        "data.on_bad_image=skip",
+    )
+    for relevant in relevant_overrides:
         assert _scratch_key(compose_cfg, relevant) != base, relevant
 
 

@@ -22,9 +22,8 @@ from conftest import compose_config
 from tnt_lightning.config import ConfigError
 from tnt_lightning.data import resolve_preprocessing
 from tnt_lightning.data.base import loader_workers
-from tnt_lightning.data.folder import weights_relevant
 from tnt_lightning.results import config_key
-from tnt_lightning.results.keys import DEIT_PREPROCESSING
+from tnt_lightning.results.identity import DEIT_PREPROCESSING, data_identity
 from tnt_lightning.tasks.inputs import resolve_inputs
 
 # DeiT, DeiT III, AugReg ViT (timm's default weights for vit_* names), a CLIP ViT, a SigLIP ViT, a
@@ -187,7 +186,7 @@ def test_deit_records_keep_matching_and_timm_records_match_deit_preprocessing_on
     old = json.loads(OLD_RECORDS.read_text())
     deit = resolved_config(tmp_path, "model=deit_small_distilled")
     assert config_key(deit) == config_key(old["deit"]["config"])
-    assert weights_relevant(deit["data"]) == weights_relevant(old["deit"]["config"]["data"])
+    assert data_identity(deit["data"], "weights") == data_identity(old["deit"]["config"]["data"], "weights")
 
     timm_record = old["timm"]["config"]
     augreg = resolved_config(tmp_path, *AUGREG_TINY)

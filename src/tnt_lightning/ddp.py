@@ -207,7 +207,7 @@ def wait_for(path: Path, what: str, ready: Callable[[Path], bool] = Path.exists)
 
 
 def _post(path: Path, text: str) -> None:
-    from .results.store import write_atomic
+    from .tempfiles import write_atomic
 
     write_atomic(path, text)
 

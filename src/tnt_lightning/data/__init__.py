@@ -2,7 +2,7 @@
 
 from .base import ClassificationDataModule
 from .cluttered_mnist import ClutteredMNISTDataModule
-from .folder import BadImageError, DataLayoutError, ImageFolderDataModule, load_rgb, weights_relevant
+from .folder import BadImageError, DataLayoutError, ImageFolderDataModule, load_rgb
 from .mnist import MNISTDataModule
 from .preprocess import Preprocessing, resolve_preprocessing
 from .synthetic import SyntheticDataModule
@@ -20,5 +20,4 @@ __all__ = [
     "deit_train_transform",
     "resolve_preprocessing",
     "load_rgb",
-    "weights_relevant",
 ]

@@ -16,17 +16,15 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 from ..config import UserError
-from ..results.keys import PREPROCESS_KEYS, comparable_preprocessing
+from ..results.identity import PREPROCESS_KEYS
 from .base import ClassificationDataModule
+from .content import EVAL_SPLIT_FALLBACKS, IMAGE_EXTENSIONS
 from .preprocess import Preprocessing, resolve_preprocessing
 from .transforms import AUGMENTATIONS, train_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
-# Tried in this order when the configured evaluation split (``val``) is absent.
-EVAL_SPLIT_FALLBACKS = ("val", "validation", "test")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 # What a damaged or truncated file raises while PIL decodes it.
 DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -100,7 +98,9 @@ class ImageFolderDataModule(ClassificationDataModule):
     folders per split. ``channels`` and ``image_size`` are the data's (``input_size``): a backbone
     that follows the data is built for them, a fixed-size one must agree. ``preprocess`` holds the
     resolved values of ``data.preprocess`` (:func:`tnt_lightning.tasks.inputs.resolve_inputs` fills
-    them in from the backbone); None is DeiT's recipe.
+    them in from the backbone); None is DeiT's recipe. ``content``: the image count and file-list
+    fingerprint per split that the run's identity holds (:mod:`.content`), checked against the
+    images found.
     """
 
     def __init__(
@@ -121,6 +121,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: int = 8,
         pin_memory: bool | None = None,
         train_overrides: dict | None = None,
+        content: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         if root is None or str(root) in ("", "???"):
@@ -145,6 +146,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.mean, self.std = self.preprocessing.mean, self.preprocessing.std
         self._classes: list[str] | None = None
         self._datasets: dict[str, CheckedImageFolder] = {}
+        self.content = content or {}
 
     @property
     def splits(self) -> dict[str, str]:
@@ -248,12 +250,19 @@ class ImageFolderDataModule(ClassificationDataModule):
             split = self.splits.get(s, self.splits["test"])
             if split in self._datasets:
                 continue
-            self._datasets[split] = CheckedImageFolder(
+            dataset = CheckedImageFolder(
                 str(self.root / split),
                 transform=self.transform(train=s == "fit"),
                 mode="L" if self.channels == 1 else "RGB",
                 on_bad_image=self.on_bad_image,
             )
+            counted = (self.content.get(split) or {}).get("images")
+            if counted is not None and counted != len(dataset):
+                raise DataLayoutError(
+                    f"{self.root / split} holds {len(dataset)} images, but {counted} when this run's "
+                    f"identity was taken (data.content): the folder changed during the run; run it again"
+                )
+            self._datasets[split] = dataset
         if stage == "fit":
             self.setup("validate")
 
@@ -268,26 +277,6 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def test_dataloader(self):
         return self._loader(self._datasets[self.splits["test"]], train=False)
-
-
-def weights_relevant(data: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A data config without the keys that cannot change what a model trained on it learns.
-
-    Used by the backbone cache key: workers, pinned memory, evaluation batch size, the bad-image
-    policy and the learned methods' recipe changes are left out.
-    """
-    if not data:
-        return data
-    data = comparable_preprocessing(data)
-    ignored = {
-        "num_workers",
-        "pin_memory",
-        "cache_dir",
-        "eval_batch_size",
-        "on_bad_image",
-        "train_overrides",
-    }
-    return {k: v for k, v in data.items() if k not in ignored}
 
 
 def _given_preprocessing(preprocess: dict[str, Any] | None) -> Preprocessing:

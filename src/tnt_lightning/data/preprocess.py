@@ -24,7 +24,7 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
 from ..config import ConfigError
-from ..results.keys import DEIT_PREPROCESSING, PREPROCESS_KEYS
+from ..results.identity import DEIT_PREPROCESSING, PREPROCESS_KEYS
 
 PREPROCESS_SOURCES = ("model", "deit", "given")
 CROP_MODES = ("center", "squash", "border")

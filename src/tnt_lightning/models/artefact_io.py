@@ -117,6 +117,31 @@ def save_artefact(obj: Any, path: Path) -> None:
     write_checksum(path, hashlib.sha256(data).hexdigest())
 
 
+def adopt_legacy(path: Path, legacy: Path, artefact: str) -> bool:
+    """Give a cached artefact named by an older identity rule its current name, once, instead of
+    training it again (``results/identity.py``: a folder data set once counted by its location).
+
+    Args:
+        path: the artefact's current name (a weights file, or a trained-method folder).
+        legacy: its name under the older rule.
+        artefact: the file whose checksum must match (``path`` itself, or a file inside the folder).
+
+    Returns:
+        Whether it was adopted.
+    """
+    if path == legacy or path.exists() or not checksum_matches(legacy / artefact if artefact else legacy):
+        return False
+    try:
+        os.replace(legacy, path)
+    except OSError:  # another job adopted it first
+        return False
+    if not artefact:  # the checksum file names the file it checks
+        checksum_path(legacy).unlink(missing_ok=True)
+        write_checksum(path)
+    log.info("cached %s adopted under its current identity: %s", legacy, path)
+    return True
+
+
 def load_weight_file(
     path: str | Path, source: str, trust_key: str | None = None, trust_pickle: bool = False
 ) -> Any:

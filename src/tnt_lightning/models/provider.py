@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
-from ..data.folder import weights_relevant
 from ..ddp import Ranks, this_rank, train_once
-from .artefact_io import checksum_matches, load_weight_file, reuse_cached, save_artefact
+from ..results.identity import data_identity, legacy_data_identity
+from .artefact_io import adopt_legacy, checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
 from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
 
@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 PretrainFn = Callable[[VisionTransformer, BackboneSpec, Path], dict[str, Any]]
 
 
-def pretrain_key(spec: BackboneSpec, world_size: int = 1) -> str:
-    """Hash of everything that determines pretrained weights: architecture, classes, input, recipe,
-    and the number of DDP processes when there are several (one process: the key of before)."""
+def pretrain_key(spec: BackboneSpec, world_size: int = 1, legacy: bool = False) -> str:
+    """Hash of everything that determines pretrained weights: architecture, classes, input, recipe
+    (its data as ``results/identity.py`` declares), and the number of DDP processes when there are
+    several (one process: the key of before). ``legacy``: the key of weights cached before the data
+    counted by content."""
     recipe = OmegaConf.to_container(OmegaConf.create(spec.pretrain), resolve=True)
-    if "data" in recipe:  # workers, eval batch size ... of the training data change no weight
-        recipe["data"] = weights_relevant(recipe["data"])
+    if "data" in recipe:
+        recipe["data"] = (legacy_data_identity if legacy else data_identity)(recipe["data"], "weights")
     blob = {
         "name": spec.name,
         "arch": dict(spec.arch),
@@ -45,8 +47,13 @@ def pretrain_key(spec: BackboneSpec, world_size: int = 1) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pretrained_path(spec: BackboneSpec, cache_dir: str | Path, world_size: int = 1) -> Path:
-    return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{pretrain_key(spec, world_size)}.pth"
+def pretrained_path(
+    spec: BackboneSpec, cache_dir: str | Path, world_size: int = 1, legacy: bool = False
+) -> Path:
+    """Where the pretrained weights for ``spec`` are cached (``legacy``: their name before the data
+    counted by content)."""
+    key = pretrain_key(spec, world_size, legacy)
+    return Path(cache_dir).expanduser() / "backbones" / f"{spec.name}-{key}.pth"
 
 
 def pretrain_workdir(spec: BackboneSpec, cache_dir: str | Path, world_size: int = 1) -> Path:
@@ -71,6 +78,7 @@ def ensure_pretrained(
     """
     world_size = ranks.world_size if ranks is not None else 1
     path = pretrained_path(spec, cache_dir, world_size)
+    adopt_legacy(path, pretrained_path(spec, cache_dir, world_size, legacy=True), artefact="")
     workdir = pretrain_workdir(spec, cache_dir, world_size)
     if not force and checksum_matches(path) and (ranks is None or not ranks.shared):
         return path

@@ -5,8 +5,9 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
 
 * left out, because they only say where or how a result is computed: ``paths``, ``logger``,
   ``hydra`` (launchers included), ``sweep_name``, ``tags``, ``skip_recorded``, ``verbose``,
-  ``extra`` (the user's own annotations), the data set's location and loader settings
-  (:data:`DATA_HOW`), and every ``trainer`` key except :data:`TRAINER_OUTCOME` (so 1 or N GPUs,
+  ``extra`` (the user's own annotations), the data keys that :data:`.identity.OUTCOME_TABLE`
+  declares outside the experiment (the data set's location, loader settings, class path), the
+  method's class path, and every ``trainer`` key except :data:`TRAINER_OUTCOME` (so 1 or N GPUs,
   CPU or GPU, DDP or not, give the same key for the same evaluation). Training tasks
   (``train``, ``train_eval``, ``pretrain``) also keep the number of training processes, which
   scales the effective batch and so the learning rate;
@@ -24,8 +25,12 @@ versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
   records current;
 * a data set's preprocessing counts by its values, never by how they were found: a resolved
   ``data.preprocess`` is written in the layout of the records made before it existed
-  (:func:`comparable_preprocessing`), so a DeiT run keeps its key while a backbone whose own
+  (:func:`.identity.comparable_preprocessing`), so a DeiT run keeps its key while a backbone whose own
   preprocessing differs from DeiT's (an AugReg ViT, say) gets a new one;
+* a folder data set counts by its content (since v6): ``data.content``, each split's image count
+  and file-list fingerprint, stands for ``data.root``, so a moved folder keeps its experiments and
+  a subset gets its own; records made before carry no content and are re-keyed from their folder
+  where it still exists (:func:`.identity.with_content`);
 * everything else is in: model, method, schedule, keep rate, seed, data set name and split,
   measure protocol, task.
 """
@@ -37,22 +42,13 @@ import hashlib
 import json
 from typing import Any
 
-CONFIG_KEY_VERSION = 5
+from .identity import data_identity
+
+CONFIG_KEY_VERSION = 6
 
 TOP_LEVEL_HOW = ("paths", "logger", "hydra", "sweep_name", "tags", "skip_recorded", "verbose", "extra")
-DATA_HOW = ("root", "cache_dir", "num_workers", "pin_memory", "eval_batch_size", "batch_size")
 TRAINER_OUTCOME = ("precision", "accumulate_grad_batches", "gradient_clip_val", "deterministic")
 TRAINING_TASKS = ("train", "train_eval", "pretrain")
-PREPROCESS_KEYS = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
-# DeiT's evaluation recipe (its official code: bicubic resize to 256, centre crop 224, ImageNet
-# statistics): what every image-folder record was preprocessed with before data.preprocess existed.
-DEIT_PREPROCESSING: dict[str, Any] = {
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-    "interpolation": "bicubic",
-}
 # Keys added after config_key v2's first records: dotted key -> the values at which it is left out
 # (the behaviour before it existed), as a tuple, or per data set name ("*": any other).
 NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
@@ -114,30 +110,6 @@ def _keep_own_train_overrides(kept: dict[str, Any]) -> None:
         data["train_overrides"] = own
 
 
-def comparable_preprocessing(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with its preprocessing in the form experiment identities compare.
-
-    Records made before ``data.preprocess`` existed hold ``crop_pct`` (and ``mean``/``std`` when a
-    user had added them) at the top of ``data``, and were preprocessed with DeiT's recipe otherwise.
-    A resolved ``data.preprocess`` is brought to that layout: ``crop_pct`` always, ``mean``, ``std``,
-    ``crop_mode`` and ``interpolation`` only where they differ from DeiT's. So a run whose
-    preprocessing is what an older record's was has that record's identity, and one whose
-    preprocessing differs (an AugReg backbone's, say) never matches it. ``source`` and ``origin``
-    say how the values were found, not what they are, and are left out.
-    """
-    data = dict(data)
-    preprocess = data.pop("preprocess", None)
-    if not isinstance(preprocess, dict):
-        return data
-    for key in PREPROCESS_KEYS:
-        value = preprocess.get(key)
-        if isinstance(value, list | tuple):
-            value = [float(v) for v in value]
-        if key == "crop_pct" or value != DEIT_PREPROCESSING[key]:
-            data[key] = value
-    return data
-
-
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that determines a run's result (the rule above)."""
     kept = {k: copy.deepcopy(v) for k, v in config.items() if k not in TOP_LEVEL_HOW}
@@ -148,8 +120,15 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         kept.pop("visualize", None)
     if isinstance(kept.get("model"), dict):  # pins of its preprocessing: counted in data's values
         kept["model"] = {k: v for k, v in kept["model"].items() if k != "preprocess"}
+        pretrain = kept["model"].get("pretrain")
+        if kept["model"].get("weights") != "pretrain":  # a recipe that never runs decides nothing
+            kept["model"].pop("pretrain", None)
+        elif isinstance(pretrain, dict) and isinstance(pretrain.get("data"), dict):  # as its weights count it
+            kept["model"]["pretrain"] = {**pretrain, "data": data_identity(pretrain["data"], "weights")}
+    if isinstance(kept.get("method"), dict):  # a moved class is the same method (identity.py)
+        kept["method"] = {k: v for k, v in kept["method"].items() if k != "_target_"}
     if isinstance(kept.get("data"), dict):
-        kept["data"] = comparable_preprocessing({k: v for k, v in kept["data"].items() if k not in DATA_HOW})
+        kept["data"] = data_identity(kept["data"], "experiment")
         _keep_own_train_overrides(kept)
     if isinstance(kept.get("trainer"), dict):
         trainer = kept["trainer"]

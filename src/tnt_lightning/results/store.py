@@ -42,7 +42,8 @@ from filelock import FileLock, Timeout
 
 from .. import slurm
 from ..config import UserError
-from ..tempfiles import pid_alive, process_start, temp_path
+from ..tempfiles import pid_alive, process_start, write_atomic
+from .identity import with_content
 from .keys import CONFIG_KEY_VERSION, config_key
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def record_identity(record: dict[str, Any]) -> tuple[str, str]:
     are re-keyed from the config they carry, so they keep matching."""
     key = record.get("config_key")
     if record.get("config_key_version") != CONFIG_KEY_VERSION and isinstance(record.get("config"), dict):
-        key = config_key(record["config"])
+        key = config_key(with_content(record["config"]))
     return str(record.get("task")), str(key or f"run:{record.get('run_id')}")
 
 
@@ -147,21 +148,6 @@ def holder_alive_here(holder: dict[str, Any]) -> bool | None:
         return False
     started = holder.get("pid_start")
     return started is None or process_start(pid) in (None, started)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (mode from the umask)."""
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ResultsStore:

@@ -37,13 +37,14 @@ def run_task(cfg: DictConfig) -> dict[str, Any] | None:
     128 + the signal's number; a failure is recorded and raised.
     """
     keep_freed_memory()  # a sweep's jobs share this process (memory.py)
-    from .inputs import resolve_inputs, stamp_method_version  # timm's metadata: imported once a run starts
+    from .inputs import resolve_inputs, stamp_data_content, stamp_method_version  # imports timm's metadata
 
     resolve_inputs(cfg)  # the resolved preprocessing goes into the record and the key
     stamp_method_version(cfg)  # so does the method's code version
     validate(cfg)
     check_environment(cfg)
     preflight(cfg)  # the method on the backbone, before any record or logger (preflight.py)
+    stamp_data_content(cfg)  # a folder data set counts by its images, not where they lie
     store = ResultsStore(cfg.paths.results_dir)
     try:
         store.check_writable()

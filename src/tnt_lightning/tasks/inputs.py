@@ -1,5 +1,5 @@
 """What a run's config leaves open, settled before anything runs: the backbone's input size and
-preprocessing, and the method's code version.
+preprocessing, the method's code version and the data's content.
 
 The resolved values are written into the config itself, so that the run's record and its
 experiment key hold what was used, not only where it was asked to come from.
@@ -12,6 +12,7 @@ import logging
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ..data.content import data_content
 from ..data.preprocess import Preprocessing, resolve_preprocessing
 from ..models.backbones import timm_input_size
 
@@ -28,6 +29,19 @@ def stamp_method_version(cfg: DictConfig) -> None:
     if version != 1:
         with open_dict(cfg.method):
             cfg.method.version = version
+
+
+def stamp_data_content(cfg: DictConfig) -> None:
+    """Write a folder data set's content (``data.content``: per split, image count and file-list
+    fingerprint, :mod:`tnt_lightning.data.content`) into the config, so that the experiment key and
+    the trained identities count the images, not the folder they lie in."""
+    if cfg.data.get("root") is None or cfg.data.get("content") is not None:
+        return
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    content = data_content(data, OmegaConf.select(cfg, "paths.cache_dir"))
+    if content is not None:
+        with open_dict(cfg.data):
+            cfg.data.content = content
 
 
 def resolve_inputs(cfg: DictConfig) -> Preprocessing | None:

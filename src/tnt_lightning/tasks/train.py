@@ -48,8 +48,8 @@ from ..models import (
     save_artefact,
     state_dict_of,
 )
-from ..models.artefact_io import checksum_matches, checksum_problem
-from ..results.keys import comparable_preprocessing
+from ..models.artefact_io import adopt_legacy, checksum_matches, checksum_problem
+from ..results.identity import data_identity, legacy_data_identity
 from .common import make_trainer, pretrain_fn
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,6 @@ TRAINED_FILE = "trained.pth"
 TRAINED_KEYS = ("method", "model", "identity", "state_dict")
 # Recipe keys that do not change the trained parameters.
 RECIPE_VOLATILE = ("auto", "val_keep_rate")
-DATA_VOLATILE = (
-    "_target_",
-    "batch_size",
-    "eval_batch_size",
-    "num_workers",
-    "pin_memory",
-    "train_overrides",
-    "cache_dir",
-)
 
 
 class TrainedParametersError(UserError, RuntimeError):
@@ -115,18 +106,24 @@ def check_schedule_reaches_lr(cfg: DictConfig) -> None:
         )
 
 
-def backbone_identity(spec: BackboneSpec, cache_dir: str, world_size: int = 1) -> dict[str, Any]:
+def backbone_identity(
+    spec: BackboneSpec, cache_dir: str, world_size: int = 1, legacy: bool = False
+) -> dict[str, Any]:
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()
         return {"name": spec.name, "checkpoint": str(path.resolve()), "bytes": path.stat().st_size}
     if spec.weights == "pretrain":
-        return {"name": spec.name, "pretrain": pretrained_path(spec, cache_dir, world_size).name}
+        return {"name": spec.name, "pretrain": pretrained_path(spec, cache_dir, world_size, legacy).name}
     return {"name": spec.name, "weights": spec.weights, "timm_name": spec.timm_name}
 
 
-def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> dict[str, Any]:
-    data = comparable_preprocessing(OmegaConf.to_container(cfg.data, resolve=True))
-    data = {k: v for k, v in data.items() if k not in DATA_VOLATILE}
+def training_identity(
+    cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer, legacy: bool = False
+) -> dict[str, Any]:
+    """What determines ``reducer``'s trained parameters (``results/identity.py`` says which data keys);
+    ``legacy``: the identity of artefacts trained before the data counted by content."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = (legacy_data_identity if legacy else data_identity)(data, "trained")
     rec = {
         k: v for k, v in OmegaConf.to_container(recipe(cfg), resolve=True).items() if k not in RECIPE_VOLATILE
     }
@@ -135,7 +132,7 @@ def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     world_size = Ranks(cfg.trainer).world_size
     identity = {
         "method": reducer.training_key(),
-        "backbone": backbone_identity(spec, cfg.paths.cache_dir, world_size),
+        "backbone": backbone_identity(spec, cfg.paths.cache_dir, world_size, legacy),
         "data": data,
         "recipe": rec,
         "seed": cfg.seed,
@@ -147,10 +144,22 @@ def training_identity(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReduc
     return identity
 
 
-def training_dir(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> Path:
-    blob = json.dumps(training_identity(cfg, spec, reducer), sort_keys=True, default=str)
+def training_folder(
+    cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer, legacy: bool = False
+) -> Path:
+    """The folder named by ``reducer``'s trained identity (``legacy``: by the identity before the
+    data counted by content)."""
+    blob = json.dumps(training_identity(cfg, spec, reducer, legacy), sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return Path(cfg.paths.cache_dir).expanduser() / "methods" / f"{reducer.name}-{spec.name}-{key}"
+
+
+def training_dir(cfg: DictConfig, spec: BackboneSpec, reducer: LearnedReducer) -> Path:
+    """The folder of ``reducer``'s trained artefact; one trained under the older identity is adopted
+    into it first (:func:`~tnt_lightning.models.artefact_io.adopt_legacy`), not trained again."""
+    path = training_folder(cfg, spec, reducer)
+    adopt_legacy(path, training_folder(cfg, spec, reducer, legacy=True), artefact=TRAINED_FILE)
+    return path
 
 
 def training_config(cfg: DictConfig) -> DictConfig:
