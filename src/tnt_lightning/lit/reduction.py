@@ -3,9 +3,11 @@ frozen or fine-tuned at a fraction of their lr (``backbone_lr_scale``, DynamicVi
 
 The method supplies its loss (:meth:`LearnedReducer.training_loss`); this module supplies the
 rest of the recipe: the backbone kept in the mode the recipe says after every ``fit`` step,
-mixup/cutmix with soft targets, AdamW with the recipe's schedule, validation of the pruned model
-*and* of the full-token model, a frozen copy of the pretrained backbone as the distillation
-teacher when the backbone trains, and checkpoints that hold only the trained parameters.
+mixup/cutmix with soft targets (an odd batch size is refused before the first step: timm's
+``Mixup`` pairs each image with its mirror in the batch), AdamW with the recipe's schedule,
+validation of the pruned model *and* of the full-token model, a frozen copy of the pretrained
+backbone as the distillation teacher when the backbone trains, and checkpoints that hold only
+the trained parameters.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from timm.data import Mixup
 from torch import nn
 
+from ..config import ConfigError
 from ..methods.learned import LearnedReducer
 from .classifier import ImageClassifier, TopKCorrect
 from .optim import OptimConfig, build_optimizer
@@ -83,12 +86,34 @@ class TokenReductionModule(ImageClassifier):
     def on_fit_end(self) -> None:
         self.model.eval()
 
+    def setup(self, stage: str) -> None:
+        """Refuse an odd training batch size before any step, if mixup/cutmix is on: every batch
+        of it would be odd (the training loader drops only its last, short batch)."""
+        size = getattr(self.trainer.datamodule, "batch_size", None)
+        if stage == "fit" and size is not None:
+            self._refuse_odd_batch(
+                f"method.train.batch_size={size}",
+                size,
+                f"set method.train.batch_size={size + 1} (or any even size), or "
+                "method.train.mixup=0 method.train.cutmix=0 to train without them",
+            )
+
+    def _refuse_odd_batch(self, what: str, size: int, fix: str) -> None:
+        if self.mixup is not None and size % 2:
+            raise ConfigError(
+                f"{what} is odd, and mixup={self.mixup.mixup_alpha} / cutmix="
+                f"{self.mixup.cutmix_alpha} need an even batch (timm's Mixup mixes each image with "
+                f"its mirror in the batch): {fix}"
+            )
+
     # -- steps ---------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         targets = y
-        if self.mixup is not None and x.shape[0] % 2 == 0:
+        if self.mixup is not None:
+            fix = "the training loader must drop its short last batch (drop_last=True)"
+            self._refuse_odd_batch(f"a training batch of {x.shape[0]} images", x.shape[0], fix)
             x, targets = self.mixup(x, y)
         out = self.reducer.training_loss(self.model, x, targets, self.label_smoothing, self.teacher)
         self.log("train/loss", out.loss, prog_bar=True)
