@@ -199,6 +199,18 @@ def test_an_artefact_trained_under_the_root_identity_is_adopted_not_retrained(tm
     assert checksum_matches(current / TRAINED_FILE)
 
 
+@pytest.mark.parametrize("method", ["tnt", "dynamicvit"])
+def test_artefacts_of_data_without_a_folder_keep_their_names(method, tmp_path):
+    """The table changed only folder data sets' identities: MNIST's trained artefacts and backbone
+    keep the names they were cached under."""
+    cfg = compose_config([f"method={method}"], tmp_path)
+    spec = instantiate(cfg.model)
+    info = backbone_info(create_model(spec))
+    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, info)
+    assert training_folder(cfg, spec, reducer) == training_folder(cfg, spec, reducer, legacy=True)
+    assert pretrain_key(spec) == pretrain_key(spec, legacy=True)
+
+
 def test_a_moved_folder_is_the_same_experiment_and_a_subset_is_not(tmp_path):
     """Through run.py: evaluated once, then from its moved copy (already recorded), then a subset."""
     base = make_folder(tmp_path / "images")

@@ -138,6 +138,8 @@ def data_identity(data: dict[str, Any] | None, purpose: Purpose) -> dict[str, An
         return data
     data = comparable_preprocessing(data)
     kept = {k: v for k, v in data.items() if k not in DATA_KEYS or DATA_KEYS[k].of(purpose)}
+    if purpose == "trained":
+        kept.pop("train_overrides", None)  # counted through the merged recipe it changes (the table)
     content = kept.get("content")
     if isinstance(content, dict) and purpose != "experiment":
         train = content.get(data.get("train_split", "train"))
