@@ -2,14 +2,19 @@
 
 `make install` (and so CI) installs through ``[project] dependencies``: an import missing from
 that list would work in a developer's venv and break a fresh `pip install`; this test catches it
-in any venv.
+in any venv. The built wheel carries every module, config and Hydra plugin of the clone (installing
+and running it outside the clone is `make test-wheel`).
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
 import sys
+import zipfile
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -59,3 +64,61 @@ def test_lock_pins_every_declared_dependency_exactly():
             pins[_name(name)] = version
     unpinned = sorted(d for d in declared() if not pins.get(d))
     assert not unpinned, f"requirements.txt pins no version of {unpinned} (run `make lock`)"
+
+
+# What the wheel is built from: the files of a clone that pyproject.toml reads (as `make test-wheel`).
+SOURCES = ("pyproject.toml", "README.md", "conf", "sweeps", "src")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    """The wheel `pip install` would build, from a copy of the sources (a few seconds)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    (tmp / "src").mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in SOURCES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tmp / "src" / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(source, tmp / "src" / name)
+    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp / "dist")]
+    subprocess.run([*build, str(tmp / "src")], check=True, capture_output=True)
+    (path,) = (tmp / "dist").glob("*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_carries_every_config_and_module_and_the_hydra_plugins(wheel):
+    names = set(wheel.namelist())
+    configs = {f"tnt_lightning/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in _files(ROOT / "conf")}
+    assert {"tnt_lightning/conf/config.yaml", "tnt_lightning/conf/sweep/mnist_all.yaml"} <= configs
+    assert not configs - names, f"configs missing from the wheel: {sorted(configs - names)}"
+    modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src").rglob("*.py")}
+    modules = {m for m in modules if ".egg-info" not in m}
+    assert "hydra_plugins/tnt_lightning_slurm/__init__.py" in modules
+    missing = sorted(modules - names)
+    assert not missing, (
+        f"modules missing from the wheel: {missing}: add their package to [tool.setuptools] packages "
+        "in pyproject.toml"
+    )
+    # hydra_plugins is a namespace shared with hydra-submitit-launcher: an __init__ would hide it
+    assert "hydra_plugins/__init__.py" not in names
+    assert any(n.startswith("tnt_lightning/paper/") and n.endswith(".csv") for n in names)
+
+
+def test_the_wheel_installs_the_tnt_lightning_command(wheel):
+    (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    assert "tnt-lightning = tnt_lightning.run:cli" in wheel.read(entry_points).decode()
+
+
+def test_the_configs_are_read_from_the_clone_in_an_editable_install():
+    from tnt_lightning.config import config_dir, source_root
+
+    assert source_root() == ROOT
+    assert config_dir() == ROOT / "conf"
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files under ``folder``, following symlinked folders (conf/sweep is sweeps/)."""
+    walk = os.walk(folder, followlinks=True)
+    return [Path(d) / f for d, _, files in walk for f in files if "__pycache__" not in d]
