@@ -16,9 +16,9 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 from ..config import UserError
+from ..results.content import EVAL_SPLIT_FALLBACKS, IMAGE_EXTENSIONS
 from ..results.identity import PREPROCESS_KEYS
 from .base import ClassificationDataModule
-from .content import EVAL_SPLIT_FALLBACKS, IMAGE_EXTENSIONS
 from .preprocess import Preprocessing, resolve_preprocessing
 from .transforms import AUGMENTATIONS, train_transform
 
@@ -99,8 +99,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     that follows the data is built for them, a fixed-size one must agree. ``preprocess`` holds the
     resolved values of ``data.preprocess`` (:func:`tnt_lightning.tasks.inputs.resolve_inputs` fills
     them in from the backbone); None is DeiT's recipe. ``content``: the image count and file-list
-    fingerprint per split that the run's identity holds (:mod:`.content`), checked against the
-    images found.
+    fingerprint per split that the run's identity holds (:mod:`tnt_lightning.results.content`),
+    checked against the images found.
     """
 
     def __init__(

@@ -10,7 +10,7 @@
 :data:`OUTCOME_TABLE` says, fact by fact, which of the three it decides and why; the three read
 the data config through :func:`data_identity`, which applies the data rows of that table, and
 ``tests/test_identity.py`` varies each fact and checks that exactly the identities the table names
-change. A folder dataset counts by its content (:mod:`tnt_lightning.data.content`: image count and
+change. A folder dataset counts by its content (:mod:`tnt_lightning.results.content`: image count and
 file-list fingerprint per split), never by its location: a moved ImageNet is the same data, a
 subset of it is not.
 """
@@ -193,8 +193,8 @@ def with_content(config: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _legacy_content(data_json: str, cache_dir: str | None) -> dict[str, Any] | None:
-    """:func:`~tnt_lightning.data.content.data_content`, once per data config while a store re-keys
+    """:func:`~tnt_lightning.results.content.data_content`, once per data config while a store re-keys
     its older records."""
-    from ..data.content import data_content  # lists a folder: only for records that need it
+    from .content import data_content  # lists a folder: only for records that need it
 
     return data_content(json.loads(data_json), cache_dir)

@@ -12,9 +12,9 @@ import logging
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..data.content import data_content
 from ..data.preprocess import Preprocessing, resolve_preprocessing
 from ..models.backbones import timm_input_size
+from ..results.content import data_content
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def stamp_method_version(cfg: DictConfig) -> None:
 
 def stamp_data_content(cfg: DictConfig) -> None:
     """Write a folder data set's content (``data.content``: per split, image count and file-list
-    fingerprint, :mod:`tnt_lightning.data.content`) into the config, so that the experiment key and
+    fingerprint, :mod:`tnt_lightning.results.content`) into the config, so that the experiment key and
     the trained identities count the images, not the folder they lie in."""
     if cfg.data.get("root") is None or cfg.data.get("content") is not None:
         return
