@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+from tnt_lightning.config import compose_config as compose
 from tnt_lightning.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +27,7 @@ register_configs()
 
 def compose_config(overrides: list[str], root: Path) -> DictConfig:
     """The composed config, as run.py would see it, with all paths under ``root``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/out", "logger=csv", *overrides],
-        )
-    return cfg
+    return compose([f"paths.root_dir={root}", f"paths.output_dir={root}/out", "logger=csv", *overrides], CONF)
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF, compose_config
-from tnt_lightning.engine import apply_reducer, backbone_info, remove_reducer
+from tnt_lightning.engine import remove_reducer
 from tnt_lightning.measure import count_macs
-from tnt_lightning.methods import build_reducer
-from tnt_lightning.models import create_model, drop_distillation_token
+from tnt_lightning.methods.assembly import attach, reducer_for
+from tnt_lightning.models import create_model
 from tnt_lightning.paper import anchor_exception, describe_row, load_results, overrides_for
 
 IMPLEMENTED = {p.stem for p in (CONF / "method").glob("*.yaml")}
@@ -28,19 +28,21 @@ ROWS = [
 _MODELS: dict[tuple[str, bool], torch.nn.Module] = {}
 
 
+def backbone(spec, cls_only: bool) -> torch.nn.Module:
+    """One backbone per model, built once; a second for the methods whose DIST token ``attach``
+    drops in place."""
+    if (spec.name, cls_only) not in _MODELS:
+        _MODELS[(spec.name, cls_only)] = create_model(spec)
+    return _MODELS[(spec.name, cls_only)]
+
+
 def measured_gflops(overrides: list[str], tmp_path) -> float:
     cfg = compose_config(overrides, tmp_path)
     spec = instantiate(cfg.model)
-    probe = create_model(spec) if (spec.name, False) not in _MODELS else _MODELS[(spec.name, False)]
-    _MODELS.setdefault((spec.name, False), probe)
-    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(probe))
-    compat = reducer is not None and reducer.cls_only_backbone
-    if (spec.name, compat) not in _MODELS:
-        _MODELS[(spec.name, compat)] = drop_distillation_token(create_model(spec))
-    model = _MODELS[(spec.name, compat)]
+    reducer, _ = reducer_for(backbone(spec, False), cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
     if reducer is None:
-        return count_macs(model, torch.randn(1, *spec.input_size)) / 1e9
-    apply_reducer(model, reducer)
+        return count_macs(backbone(spec, False), torch.randn(1, *spec.input_size)) / 1e9
+    model = attach(backbone(spec, reducer.cls_only_backbone), reducer)
     try:
         return count_macs(model, torch.randn(1, *spec.input_size)) / 1e9
     finally:

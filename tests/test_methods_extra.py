@@ -15,6 +15,7 @@ from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_red
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.measure import analytic, count_macs
 from tnt_lightning.methods import TNT, build_reducer
+from tnt_lightning.methods.assembly import prune_with, reducer_for
 from tnt_lightning.methods.ats import inverse_transform_sample, sample_points, unique_padded
 from tnt_lightning.methods.dpcknn import dpc_knn
 from tnt_lightning.methods.kmedoids import k_medoids
@@ -31,7 +32,7 @@ from tnt_lightning.visualize import patch_owners
 def build(overrides: list[str], model, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     pruning = BackboneSpec(name="probe", arch={"depth": 1}).pruning
-    return build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, pruning, backbone_info(model))
+    return reducer_for(model, cfg.method, cfg.schedule, cfg.keep_rate, pruning)
 
 
 # -- fixes ---------------------------------------------------------------------------------------
@@ -149,9 +150,8 @@ def test_register_tokens_are_prefix_tokens_kept_outside_every_count(tmp_path):
     spec = timm_spec(tmp_path, "vit_base_patch16_reg4_gap_256", "model.input_size=[3,256,256]")
     model = create_model(spec).eval()
     cfg = compose_config(["model=timm", "method=random", "keep_rate=0.5"], tmp_path)
-    reducer, record = build_reducer(cfg.method, cfg.schedule, 0.5, spec.pruning, backbone_info(model))
+    model, record = prune_with(model, cfg.method, cfg.schedule, 0.5, spec.pruning, trace_sources=True)
     assert record["blocks"] == [2]  # the paper's "after the 3rd of 12 blocks"
-    apply_reducer(model, reducer, trace_sources=True)
     x = torch.randn(1, 3, 256, 256)
     got = count_macs(model, x) / 1e9
     assert model.last_tokens.x.shape[1] == 4 + 128
@@ -222,8 +222,7 @@ def test_offline_tagged_hub_name_gives_the_clear_weights_error(tmp_path, monkeyp
 def run_method(model, method: str, rate: float, tmp_path, *overrides: str, trace: bool = False):
     cfg = compose_config([f"method={method}", f"keep_rate={rate}", *overrides], tmp_path)
     pruning = BackboneSpec(name="probe", arch={"depth": 1}).pruning
-    reducer, record = build_reducer(cfg.method, cfg.schedule, rate, pruning, backbone_info(model))
-    return apply_reducer(model, reducer, trace_sources=trace), record
+    return prune_with(model, cfg.method, cfg.schedule, rate, pruning, trace_sources=trace)
 
 
 def deit_like(prefix: int = 1):

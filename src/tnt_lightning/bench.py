@@ -26,22 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import MEASURE_DTYPES, config_dir, register_configs
-from .engine import ReductionError, apply_reducer, backbone_info
+from .config import MEASURE_DTYPES, compose_config, register_configs
+from .engine import ReductionError, backbone_info
 from .engine.registry import method_names
 from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
 from .measure.throughput import device_name
 from .memory import keep_freed_memory
-from .methods import build_reducer
-from .models import create_model, drop_distillation_token
+from .methods.assembly import pruned_model
 
-CONF = config_dir()
 # Every registered method (the baseline `none` is the base every row is timed against), in display order.
 METHODS = method_names()
 # Multi-layer overrides a method needs (ToMe merges r tokens per block: the paper's lightest row).
@@ -63,25 +60,11 @@ CEILING_KEEP = (0.75, 0.5, 0.35)
 COMPILE_COLUMNS = ["compile s", "graphs"]
 
 
-def compose_overrides(overrides: list[str]):
-    """The composed run config for ``overrides``."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def build(overrides: list[str]) -> tuple[torch.nn.Module, Any]:
     """The backbone (random weights) with the method of ``overrides`` applied, and its spec."""
-    cfg = compose_overrides(overrides)
-    spec = instantiate(cfg.model)
-    model = create_model(spec)
-    info = backbone_info(model)
-    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, info)
-    if reducer is not None:
-        reducer.bind(info)
-        if reducer.cls_only_backbone:
-            drop_distillation_token(model)
-        apply_reducer(model, reducer)
-    return model.eval(), spec
+    cfg = compose_config(overrides)
+    model, _ = pruned_model(cfg)
+    return model.eval(), instantiate(cfg.model)
 
 
 def check_overrides(common: list[str], runs: list[tuple[str, str, list[str]]]) -> None:
@@ -89,7 +72,7 @@ def check_overrides(common: list[str], runs: list[tuple[str, str, list[str]]]) -
     with Hydra's reason (the key or value it refuses)."""
     for name, schedule, overrides in runs:
         try:
-            compose_overrides(common + overrides)
+            compose_config(common + overrides)
         except HydraException as e:
             raise SystemExit(f"bench: {name} {schedule} with {overrides}: {e}") from None
 
@@ -243,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for m in args.methods.split(",")
     ]
     check_overrides(common, runs)
-    spec = instantiate(compose_overrides(common).model)
+    spec = instantiate(compose_config(common).model)
     key = base_key(args.model, device, args.batch_size, args.dtype, args.compile)
     base, base_gflops = unpruned(
         key, lambda: build(common)[0], spec.input_size, device, args.dtype, args.compile

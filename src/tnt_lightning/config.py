@@ -9,6 +9,7 @@ allowed, before any data is read or any model is built.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -83,6 +84,27 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=RunConfig)
     if not OmegaConf.has_resolver("cwd"):
         OmegaConf.register_new_resolver("cwd", os.getcwd)
+
+
+def compose_config(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
+    """The config ``run.py`` would compose for ``overrides`` (paths left unresolved: nothing is
+    written): the one wrapper of Hydra's compose API, for whatever composes outside a run (bench,
+    budget, sweeps' key checks, scripts, tests).
+
+    Args:
+        overrides: Hydra overrides, as on the command line.
+        conf_dir: the config folder; :func:`config_dir` when None.
+
+    Returns:
+        The composed config.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()  # one left initialised by an earlier caller would refuse this one
+    with initialize_config_dir(config_dir=str(conf_dir or config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -35,17 +35,16 @@ def _options(override, group_dir: Path) -> list[str]:
 
 def _lacking(conf_dir: Path, group: str, options: list[str], key: str) -> list[str]:
     """The options of ``group`` whose composed config has no ``key``."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from .config import compose_config
+
     absent = object()
-    lacking = []
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        for option in options:
-            cfg = compose("config", overrides=[f"{group}={option}"])
-            if OmegaConf.select(cfg, key, default=absent) is absent:
-                lacking.append(option)
-    return lacking
+    return [
+        option
+        for option in options
+        if OmegaConf.select(compose_config([f"{group}={option}"], conf_dir), key, default=absent) is absent
+    ]
 
 
 def check_sweep_overrides(argv: list[str], conf_dir: Path) -> list[str]:

@@ -448,7 +448,7 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from ..bench import compose_overrides
+    from ..config import compose_config
     from ..engine import apply_reducer, backbone_info
     from ..lit import OptimConfig, TokenReductionModule
     from ..methods import build_reducer
@@ -460,7 +460,7 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     steps, batch = args.train_steps, args.train_batch
     cuda = device.type == "cuda"
     workdir = tempfile.TemporaryDirectory()
-    cfg = compose_overrides(
+    cfg = compose_config(
         ctx.common
         + [
             f"paths.root_dir={workdir.name}",

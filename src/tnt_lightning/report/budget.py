@@ -14,18 +14,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..config import config_dir, register_configs
-from ..engine import ReductionError, apply_reducer, backbone_info, remove_reducer
+from ..config import compose_config, config_dir
+from ..engine import ReductionError, backbone_info, remove_reducer
 from ..engine.registry import method_names
 from ..measure import count_macs
-from ..methods import build_reducer
-from ..models import create_model, drop_distillation_token
+from ..methods.assembly import attach, reducer_for
+from ..models import create_model
 
 CONF = config_dir()
 
@@ -34,14 +32,6 @@ def available_methods() -> list[str]:
     """Every registered method (``none`` has no budget to match), in display order: what a budget
     is matched for by default."""
     return method_names()
-
-
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """The config run.py would compose for ``overrides`` (paths left unresolved: nothing is written)."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 class GflopsCounter:
@@ -59,24 +49,21 @@ class GflopsCounter:
         return backbone_info(self._model(spec, False)).num_patches
 
     def _model(self, spec, cls_only: bool) -> torch.nn.Module:
+        """The backbone of ``spec``; a second one for methods that drop its DIST token (in place)."""
         key = (spec.name, cls_only)
         if key not in self._models:
-            model = create_model(spec).eval()
-            self._models[key] = drop_distillation_token(model) if cls_only else model
+            self._models[key] = create_model(spec).eval()
         return self._models[key]
 
     def __call__(self, cfg: DictConfig) -> float:
         """GFLOPs of a composed config at batch 1; ReductionError if the method cannot run so."""
         spec = instantiate(cfg.model)
         probe = self._model(spec, False)
-        reducer, _ = build_reducer(
-            cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(probe)
-        )
+        reducer, _ = reducer_for(probe, cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
         inputs = torch.randn(1, *spec.input_size)
         if reducer is None:
             return count_macs(probe, inputs) / 1e9
-        model = self._model(spec, reducer.cls_only_backbone)
-        apply_reducer(model, reducer)
+        model = attach(self._model(spec, reducer.cls_only_backbone), reducer)
         try:
             return count_macs(model, inputs) / 1e9
         finally:

@@ -15,7 +15,6 @@ from timm.models.vision_transformer import VisionTransformer
 from ..config import ConfigError
 from ..data import ClassificationDataModule
 from ..ddp import Ranks
-from ..engine import apply_reducer, backbone_info
 from ..lit import ImageClassifier
 from ..measure import (
     TimedModel,
@@ -26,8 +25,9 @@ from ..measure import (
     same_process_speedup,
     unpruned,
 )
-from ..methods import LearnedReducer, build_reducer
-from ..models import BackboneSpec, count_parameters, create_model, drop_distillation_token, load_weights
+from ..methods import LearnedReducer
+from ..methods.assembly import attach, reducer_for
+from ..models import BackboneSpec, count_parameters, create_model, load_weights
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, make_trainer, pretrain_fn, resolve_device
 from .records import RunRecorder
@@ -71,20 +71,17 @@ def build_pruned_model(
 ) -> VisionTransformer:
     """The backbone with its weights and the configured method (trained parameters included).
 
-    A method that cannot run on this backbone, would need training that is switched off, or whose
-    ``method.checkpoint`` is unusable fails before any weights load (or a backbone is pretrained).
+    A method that cannot run on this backbone failed before the run (``preflight.py``); one that
+    would need training that is switched off, or whose ``method.checkpoint`` is unusable, fails
+    before any weights load (or a backbone is pretrained).
     Without labels (cost-only runs) learned methods stay untrained.
     """
     model = create_model(spec)
-    reducer, schedule = build_reducer(
-        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(model)
-    )
+    reducer, schedule = reducer_for(model, cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
     recorder.fields["schedule"] = schedule
     if schedule["name"] != "none" and schedule.get("rates") is None:  # driven by its own knob (ToMe's r)
         recorder.fields["keep_rate"] = None
     learned = isinstance(reducer, LearnedReducer) and has_labels
-    if reducer is not None:
-        reducer.bind(backbone_info(model))
     given = None
     if learned:
         given = load_given_trained(cfg, spec, reducer)
@@ -99,11 +96,7 @@ def build_pruned_model(
         recorder.details["method_weights"] = provided
     elif isinstance(reducer, LearnedReducer):
         recorder.details["method_weights"] = "untrained (cost-only run)"
-    if reducer is not None:
-        if reducer.cls_only_backbone:
-            drop_distillation_token(model)
-        apply_reducer(model, reducer, trace_sources=trace_sources)
-    return model
+    return attach(model, reducer, trace_sources)  # weights first: a CLS-only backbone drops DIST
 
 
 def measure_speed(

@@ -22,18 +22,9 @@ def preflight(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from ..engine import apply_reducer, backbone_info
-    from ..methods import build_reducer
-    from ..models import create_model, drop_distillation_token
+    from ..methods.assembly import pruned_model
+    from ..models import create_model
 
-    spec = instantiate(cfg.model)
     with torch.device("meta"):
-        model = create_model(spec)
-    info = backbone_info(model)
-    reducer, _ = build_reducer(cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, info)
-    if reducer is None:
-        return
-    reducer.bind(info)
-    if reducer.cls_only_backbone:
-        drop_distillation_token(model)
-    apply_reducer(model, reducer)
+        model = create_model(instantiate(cfg.model))
+    pruned_model(cfg, model)
