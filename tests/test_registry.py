@@ -61,6 +61,24 @@ def test_a_learned_method_is_a_learned_reducer_with_a_training_recipe(name):
     assert ("train" in YAMLS[name]) == learned
 
 
+@pytest.mark.parametrize("name", [m.name for m in methods()])
+def test_declared_needs_are_what_the_method_asks_of_the_backbone(name):
+    """Built on a DeiT-like ViT (12 blocks, CLS), single- and multi-layer, a method asks exactly
+    the attention its registration declares (the CLS token is checked by binding)."""
+    import tnt_lightning as tl
+
+    asked = set()
+    for schedule in ("single", "multi"):
+        options = {"r": 8} if (name, schedule) == ("tome", "multi") else {}
+        model = tl.prune(tiny_vit(depth=12, img=112), name, keep_rate=0.7, schedule=schedule, **options)
+        for block in range(12):
+            needs = model.reducer.needs(block)
+            asked |= {field for field in ("probs", "keys", "values", "cls_probs") if getattr(needs, field)}
+    declared = {"attention_probs": "probs", "cls_attention": "cls_probs", "keys": "keys", "values": "values"}
+    assert asked == {declared[n] for n in get_method(name).needs if n != "cls_token"}
+    assert get_method(name).cls.requires_class_token == ("cls_token" in get_method(name).needs)
+
+
 def test_every_method_draws_in_its_own_colour_at_its_own_place():
     infos = methods()
     assert len({m.colour for m in infos}) == len(infos)

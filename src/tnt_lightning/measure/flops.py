@@ -94,3 +94,58 @@ def mean_gflops(model: nn.Module, images: Iterable[torch.Tensor]) -> dict[str, f
     if not counts:
         raise ValueError("mean_gflops needs at least one image")
     return {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts), "images": len(counts)}
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images a timm ViT was built for (its patch embedding's)."""
+    embed = model.patch_embed
+    return (embed.proj.in_channels, *embed.img_size)
+
+
+def gflops(model: nn.Module) -> float:
+    """GFLOPs of a timm ViT (pruned or not) as the project counts them: batch 1, eval mode, one
+    multiply-add one FLOP (the paper's fvcore convention), on a random image of its input size.
+
+    Args:
+        model: a timm ``VisionTransformer``, with or without a method plugged in.
+
+    Returns:
+        GFLOPs (for a method whose kept count depends on the image, ATS, of that one image).
+    """
+    return count_gflops(model, input_shape(model), next(model.parameters()).device)
+
+
+def token_trace(model: nn.Module, inputs: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """How many tokens (prefix tokens included) each block's attention and MLP ran on, in one
+    forward: what a method really left, and what the GFLOPs were counted for.
+
+    Args:
+        model: a timm ``VisionTransformer``, with or without a method plugged in.
+        inputs: a batch of images; None: one random image of the model's input size.
+
+    Returns:
+        One ``(attention tokens, MLP tokens)`` pair per block (they differ in a block a method
+        acts inside). A padded batch (ATS) counts its padding.
+    """
+    if inputs is None:
+        inputs = torch.randn(1, *input_shape(model), device=next(model.parameters()).device)
+    seen: dict[tuple[int, str], int] = {}
+
+    def hook(block: int, part: str):
+        return lambda _module, args: seen.__setitem__((block, part), args[0].shape[1])
+
+    handles = [
+        norm.register_forward_pre_hook(hook(i, part))
+        for i, block in enumerate(model.blocks)
+        for part, norm in (("attn", block.norm1), ("mlp", block.norm2))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [(seen[(i, "attn")], seen[(i, "mlp")]) for i in range(len(model.blocks))]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import count_gflops
+from .flops import count_gflops, input_shape
 from .throughput import TimedModel
 
 _BASES: dict[str, tuple[TimedModel, float]] = {}
@@ -78,3 +78,38 @@ def same_process_speedup(
         "base_compile_s": base.compile_s,
         "base_reused": reused,
     }
+
+
+def speedup(
+    model: nn.Module,
+    base: nn.Module,
+    batch_size: int = 32,
+    iters: int = 3,
+    pairs: int = 3,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: str = "fp32",
+) -> float:
+    """How many times faster ``model`` runs than ``base``, timed in this process, interleaved
+    (base, model, base, model, ...; the median of the per-pair ratios, as every run and the bench
+    measure it): a ratio from one process is free of the machine's drift between two runs.
+
+    Args:
+        model: the pruned model.
+        base: the model to compare with (the unpruned backbone), of the same input size.
+        batch_size: images per pass.
+        iters: timed passes per model per pair.
+        pairs: base/model pairs (the paper's protocol: 5 pairs of 30 passes after 50 warm-up).
+        warmup: untimed passes per model first.
+        device: where both run (moved there; both are put in eval mode).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` autocast.
+
+    Returns:
+        The speedup (above 1: ``model`` is faster).
+    """
+    shape = input_shape(model)
+    timed = TimedModel(model, device, dtype)
+    timed.warm_up(torch.randn(batch_size, *shape, device=timed.device), warmup)
+    return same_process_speedup(
+        timed, TimedModel(base, device, dtype), shape, batch_size, iters, pairs, warmup
+    )["speedup"]
