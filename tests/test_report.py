@@ -245,10 +245,10 @@ def test_runs_on_backbones_pretrained_from_their_own_seed_average_as_seeds(tmp_p
     """The embedded study's seed s runs on the backbone pretrained from seed s: one setting."""
     for seed, acc in ((0, 80.0), (1, 90.0)):
         rec = record("topk", 0.3, seed=seed, metrics=m(acc, 2.7461))
-        rec["config"]["model"]["pretrain"] = {"seed": seed, "epochs": 2}
+        rec["config"]["model"].update(weights="pretrain", pretrain={"seed": seed, "epochs": 2})
         append_record(tmp_path / "results", rec)
     other = record("topk", 0.3, seed=2, metrics=m(50.0, 2.7461))
-    other["config"]["model"]["pretrain"] = {"seed": 2, "epochs": 1}  # another recipe: another setting
+    other["config"]["model"].update(weights="pretrain", pretrain={"seed": 2, "epochs": 1})  # another setting
     append_record(tmp_path / "results", other)
     (group,) = build_report(tmp_path / "results", tmp_path / "out").groups
     assert sorted((row.n, row.mean("acc1")) for row in group.rows) == [(1, 50.0), (2, 85.0)]
