@@ -42,7 +42,7 @@ def test_a_ddp_artefact_identity_counts_its_processes_and_one_process_keeps_the_
     from tnt_lightning.engine import backbone_info
     from tnt_lightning.methods import build_reducer
     from tnt_lightning.models import create_model
-    from tnt_lightning.tasks.train import training_dir, training_identity
+    from tnt_lightning.models.trained import training_dir, training_identity
 
     def identity(*overrides):
         cfg = compose_config(["task=train", "method=tnt", *overrides], tmp_path)

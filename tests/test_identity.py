@@ -14,12 +14,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_config, run_py
-from tnt_lightning.ddp import Ranks
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.methods import TNT, build_reducer
 from tnt_lightning.models import create_model
 from tnt_lightning.models.artefact_io import checksum_matches, save_artefact
+from tnt_lightning.models.ddp import Ranks
 from tnt_lightning.models.provider import pretrain_key
+from tnt_lightning.models.trained import TRAINED_FILE, training_dir, training_folder
 from tnt_lightning.results import content as data_content_module
 from tnt_lightning.results import read_records
 from tnt_lightning.results.content import split_content
@@ -27,7 +28,6 @@ from tnt_lightning.results.identity import OUTCOME_TABLE, PURPOSES
 from tnt_lightning.results.keys import CONFIG_KEY_VERSION, config_key
 from tnt_lightning.results.store import record_identity
 from tnt_lightning.tasks.inputs import resolve_inputs, stamp_data_content, stamp_method_version
-from tnt_lightning.tasks.train import TRAINED_FILE, training_dir, training_folder
 
 
 def make_folder(root: Path, train: int = 4, val: int = 2) -> Path:

@@ -25,14 +25,14 @@ from tnt_lightning.engine.attention import (
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, build_reducer
 from tnt_lightning.models import create_model, save_artefact
-from tnt_lightning.tasks.train import (
+from tnt_lightning.models.trained import (
     TrainedParametersError,
-    check_can_provide,
     load_trained,
     recipe,
     training_dir,
     training_identity,
 )
+from tnt_lightning.tasks.train import check_can_provide
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import logging
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,10 +26,11 @@ from tnt_lightning.models import (
     save_artefact,
 )
 from tnt_lightning.models.artefact_io import checksum_path
+from tnt_lightning.models.trained import Trained, TrainedParametersError, ensure_trained, load_trained
 from tnt_lightning.tasks import train as train_module
 from tnt_lightning.tasks.evaluate import build_pruned_model
 from tnt_lightning.tasks.records import RunRecorder
-from tnt_lightning.tasks.train import TrainedParametersError, check_can_provide, ensure_trained, load_trained
+from tnt_lightning.tasks.train import check_can_provide
 
 TINY = dict(
     name="tiny",
@@ -327,7 +327,7 @@ def test_a_damaged_user_file_with_a_checksum_beside_it_is_refused(tmp_path):
 
 
 @pytest.fixture
-def tnt_setup(tmp_path, monkeypatch):
+def tnt_setup(tmp_path):
     """A tnt config on vit_mnist whose training is replaced by a counter (no data, no Lightning)."""
     cfg = compose_config(["method=tnt"], tmp_path)
     spec = instantiate(cfg.model)
@@ -336,28 +336,28 @@ def tnt_setup(tmp_path, monkeypatch):
     reducer.bind(backbone_info(model))
     fits = []
 
-    def fake_fit(cfg_, spec_, workdir, loggers):
+    def fake_train(workdir):
         fits.append(workdir)
-        return SimpleNamespace(reducer=reducer, teacher=None), {"val_acc1": 1.0, "val_acc1_full": 2.0}
+        state = {n: p.detach() for n, p in reducer.trainable_parameters()}
+        return Trained(state, None, {"val_acc1": 1.0, "val_acc1_full": 2.0})
 
-    monkeypatch.setattr(train_module, "fit", fake_fit)
-    return cfg, spec, reducer, fits
+    return cfg, spec, reducer, fits, fake_train
 
 
 @pytest.mark.parametrize("how", ["truncated", "bitflip"])
 def test_damaged_trained_parameters_are_reported_and_retrained(how, tnt_setup, caplog):
-    cfg, spec, reducer, fits = tnt_setup
-    path, trained = ensure_trained(cfg, spec, reducer)
+    cfg, spec, reducer, fits, train = tnt_setup
+    path, trained = ensure_trained(cfg, spec, reducer, train)
     assert trained and len(fits) == 1 and checksum_path(path).is_file()
     _damage(path, how)
     cfg.method.train.auto = False
     with pytest.raises(TrainedParametersError, match="which is damaged.*method.train.auto=false"):
         check_can_provide(cfg, spec, reducer)
     with pytest.raises(TrainedParametersError, match="which is damaged"):
-        ensure_trained(cfg, spec, reducer, may_train=False)
+        ensure_trained(cfg, spec, reducer)
     assert path.exists() and len(fits) == 1  # refused, not retrained, and left for inspection
     with caplog.at_level(logging.WARNING):
-        assert ensure_trained(cfg, spec, reducer) == (path, True)
+        assert ensure_trained(cfg, spec, reducer, train) == (path, True)
     assert len(fits) == 2
     assert any(str(path) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     info = load_trained(reducer, path, spec, source=f"cached trained parameters {path}")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -130,14 +129,16 @@ def test_lightnings_sigterm_exception_is_an_interruption_not_a_clean_exit():
 
 
 def _rank(rank: int, setup, queue) -> None:
-    from tnt_lightning.tasks import train as train_module
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from tnt_lightning.models.trained import Trained, ensure_trained
 
     cfg, spec, reducer = setup
-    train_module.rank_zero_only.rank = rank
+    rank_zero_only.rank = rank
     fits = []
-    module = SimpleNamespace(reducer=reducer, teacher=None)
-    train_module.fit = lambda *args: fits.append(rank) or (module, {"val_acc1": 1.0, "val_acc1_full": 2.0})
-    path, trained = train_module.ensure_trained(cfg, spec, reducer)
+    state = {n: p.detach() for n, p in reducer.trainable_parameters()}
+    train = lambda workdir: fits.append(rank) or Trained(state, None, {"val_acc1": 1.0, "val_acc1_full": 2.0})  # noqa: E731
+    path, trained = ensure_trained(cfg, spec, reducer, train)
     queue.put((rank, trained, len(fits)))
 
 

@@ -602,8 +602,8 @@ def test_a_method_whose_code_version_is_bumped_is_a_new_experiment_and_a_new_art
     from tnt_lightning.engine import backbone_info
     from tnt_lightning.methods import TNT, TopK, build_reducer
     from tnt_lightning.models import create_model
+    from tnt_lightning.models.trained import training_identity
     from tnt_lightning.tasks.inputs import stamp_method_version
-    from tnt_lightning.tasks.train import training_identity
 
     def key(method: str) -> str:
         cfg = compose_config([f"method={method}"], tmp_path)

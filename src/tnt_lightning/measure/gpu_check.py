@@ -453,8 +453,9 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     from ..lit import OptimConfig, TokenReductionModule
     from ..methods import build_reducer
     from ..models import create_model
+    from ..models.trained import recipe
     from ..tasks.common import make_trainer
-    from ..tasks.train import backbone_lr_scale, recipe, training_config
+    from ..tasks.train import backbone_lr_scale, training_config
 
     args, device = ctx.args, ctx.device
     steps, batch = args.train_steps, args.train_batch

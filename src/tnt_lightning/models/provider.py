@@ -14,11 +14,11 @@ import torch
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
-from ..ddp import Ranks, this_rank, train_once
 from ..results.identity import data_identity, legacy_data_identity
 from .artefact_io import adopt_legacy, checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec, WeightsUnavailableError, create_model, load_hub_weights
 from .checkpoint import load_backbone_state, read_state_dict, state_dict_of
+from .ddp import Ranks, this_rank, train_once
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def ensure_pretrained(
     temporary name and renamed, then its checksum beside it (:func:`save_artefact`), so nobody reads
     a half-written checkpoint, and a damaged one is found, reported and trained again. The ranks of
     a DDP job (``ranks``, the job's trainer) pretrain together, as their rank 0 decides
-    (:func:`tnt_lightning.ddp.train_once`).
+    (:func:`tnt_lightning.models.ddp.train_once`).
     """
     world_size = ranks.world_size if ranks is not None else 1
     path = pretrained_path(spec, cache_dir, world_size)

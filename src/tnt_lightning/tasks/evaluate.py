@@ -14,7 +14,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
 from ..data import ClassificationDataModule
-from ..ddp import Ranks
 from ..lit import ImageClassifier
 from ..measure import (
     TimedModel,
@@ -28,10 +27,12 @@ from ..measure import (
 from ..methods import LearnedReducer
 from ..methods.assembly import attach, reducer_for
 from ..models import BackboneSpec, count_parameters, create_model, load_weights
+from ..models.ddp import Ranks
+from ..models.trained import load_given_trained, provide_trained
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, make_trainer, pretrain_fn, resolve_device
 from .records import RunRecorder
-from .train import check_can_provide, load_given_trained, provide_trained
+from .train import check_can_provide, trainer_for
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def build_pruned_model(
     if learned:
         if given is not None and "backbone" in given:  # its fine-tuned backbone replaces the weights
             load_given_trained(cfg, spec, reducer, model)
-        provided = given or provide_trained(cfg, spec, reducer, extra, loggers, model)
+        provided = given or provide_trained(cfg, spec, reducer, extra, trainer_for(cfg, spec, loggers), model)
         recorder.details["method_weights"] = provided
     elif isinstance(reducer, LearnedReducer):
         recorder.details["method_weights"] = "untrained (cost-only run)"

@@ -8,8 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ..config import ConfigError
-from ..ddp import Ranks
 from ..models import BackboneSpec, count_parameters, ensure_pretrained
+from ..models.ddp import Ranks
 from ..results import results_path
 from .common import format_summary, job_loggers, log_summary, pretrain_fn
 from .records import RunRecorder

@@ -89,7 +89,7 @@ def announce_training(cfg: DictConfig, spec: BackboneSpec) -> None:
     backbone with random weights (its maps would show nothing) unless ``visualize.allow_random_weights``."""
     if "train" not in cfg.method:
         return
-    from .train import recipe
+    from ..models.trained import recipe
 
     epochs = recipe(cfg).epochs
     random_weights = spec.weights == "random" and not spec.checkpoint
