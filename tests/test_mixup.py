@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import tiny_vit
+from conftest import run_py, tiny_vit
 from tnt_lightning.config import ConfigError
 from tnt_lightning.engine import apply_reducer, backbone_info
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import TNT
+from tnt_lightning.results import read_records
 
 IMAGES = TensorDataset(torch.randn(7, 3, 32, 32), torch.arange(7) % 10)
 
@@ -73,3 +74,16 @@ def test_a_loaders_short_odd_last_batch_is_refused_not_left_unmixed():
     with pytest.raises(ConfigError, match="a training batch of 3 images is odd.*drop_last"):
         _fit(module, train_dataloaders=DataLoader(IMAGES, batch_size=4))
     assert [t.shape for t in targets] == [(4, 10)]
+
+
+def test_an_odd_recipe_batch_with_mixup_is_refused_before_the_run_starts(tmp_path):
+    """Through run.py: refused by the preflight, naming the size and the fix; no record, no cache."""
+    proc = run_py(
+        ["task=train", "method=tnt", "data.train_overrides.batch_size=33", "data.train_overrides.mixup=0.8"],
+        tmp_path,
+        env={"HYDRA_FULL_ERROR": "0"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "batch size 33" in proc.stderr and "method.train.batch_size=34" in proc.stderr
+    assert not (tmp_path / "results").exists() or not read_records(tmp_path / "results")
+    assert not (tmp_path / "cache").exists()
