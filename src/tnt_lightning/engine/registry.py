@@ -7,7 +7,8 @@ order and colours, help and error texts and the method table are derived from he
 method is one module plus one YAML. ``python -m tnt_lightning.methods`` prints the table.
 
 The engine stays free of Hydra; the built-in methods register when :mod:`tnt_lightning.methods` is
-imported, which every query here does first.
+imported, and out-of-tree ones when the modules declared by an entry point or an environment
+variable are (:mod:`tnt_lightning.plugins`): every query here does both first, once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from ..plugins import import_plugins
 from .reducer import TokenReducer
 
 Kind = Literal["training-free", "learned"]
@@ -102,9 +104,26 @@ def register_method(
     return decorate
 
 
+_loaded = False
+
+
+def _load() -> None:
+    """Import the built-in methods, then the declared out-of-tree ones (once per process; a failed
+    import is raised again on the next query rather than leaving a silently shorter registry)."""
+    global _loaded
+    if not _loaded:
+        importlib.import_module(_BUILTIN)
+        import_plugins()
+        _loaded = True
+
+
 def methods() -> list[MethodInfo]:
-    """Every registered method, in display order."""
-    importlib.import_module(_BUILTIN)
+    """Every registered method, built-in and out-of-tree, in display order.
+
+    Raises:
+        tnt_lightning.plugins.MethodPluginError: a declared out-of-tree module fails to import.
+    """
+    _load()
     return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
 
 
@@ -115,7 +134,7 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> MethodInfo:
     """The registration of ``name``; a ``KeyError`` naming the registered ones otherwise."""
-    importlib.import_module(_BUILTIN)
+    _load()
     if name not in _REGISTRY:
         raise KeyError(f"no method {name!r}; registered: {', '.join(method_names())}")
     return _REGISTRY[name]
