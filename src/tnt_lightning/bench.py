@@ -197,9 +197,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.full:
         args.warmup, args.iters, args.pairs = 50, 30, 5
-    swapped = [o for o in args.overrides if o.lstrip("+~").split("=", 1)[0] == "model"]
-    if swapped:
-        parser.error(f"--set {swapped[0]}: the base and every method share one backbone; use --model")
+    groups = {o.lstrip("+~").split("=", 1)[0]: o for o in args.overrides}
+    if "model" in groups:
+        parser.error(f"--set {groups['model']}: the base and every method share one backbone; use --model")
+    if "method" in groups:  # it would time that method under each --methods name
+        parser.error(f"--set {groups['method']}: a row is labelled by its method; name it in --methods")
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         parser.error(f"--methods: {unknown} not among {METHODS}")
