@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke
+	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke test-wheel
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,37 @@ test-resume: ## The SIGKILL-and-resume tests of training and pretraining (slow: 
 
 test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
 	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
+
+# The package as a user gets it (`pip install`), not as the clone runs it: the wheel is built from a
+# copy of the sources (no stale build/ in the clone), installed with the lock's versions into a fresh
+# venv in a temp folder, and run from a folder outside the clone, TNT_ROOT unset: a cost-only
+# evaluation, `bench --help`, the report and `results doctor` on the record it wrote. The checks:
+# the configs come from the installed package, Hydra finds its SLURM launcher, the record is ok and
+# names no git commit (the temp folder is a git repository, as a user's project holding its venv
+# may be: not this package's).
+test-wheel: ## Build the wheel, install it in a fresh venv outside the clone, run an eval, bench --help and the report there
+	@set -e; tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/tnt-wheel.XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir "$$tmp/src" "$$tmp/run"; \
+	git init -q "$$tmp"; git -C "$$tmp" -c user.name=ci -c user.email=ci@localhost commit -q --allow-empty -m venv; \
+	tar -c --exclude=__pycache__ --exclude='*.egg-info' pyproject.toml README.md conf sweeps src | tar -x -C "$$tmp/src"; \
+	echo "test-wheel: building the wheel"; \
+	$(PYTHON) -m pip wheel --quiet --no-deps -w "$$tmp/dist" "$$tmp/src"; \
+	echo "test-wheel: installing $$(cd "$$tmp/dist" && ls *.whl) in a fresh venv ($$tmp/venv)"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -c "$(CURDIR)/requirements.txt" "$$tmp"/dist/*.whl; \
+	cd "$$tmp/run"; unset TNT_ROOT; export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	conf=$$("$$tmp/venv/bin/python" -c 'from tnt_lightning.config import config_dir; print(config_dir())'); \
+	case "$$conf" in "$$tmp/venv/"*) ;; *) echo "test-wheel: configs read from $$conf, not from the wheel"; exit 1;; esac; \
+	"$$tmp/venv/bin/tnt-lightning" --info plugins | grep -q TntSlurmLauncher \
+		|| { echo "test-wheel: Hydra finds no TntSlurmLauncher in the wheel (hydra_plugins)"; exit 1; }; \
+	"$$tmp/venv/bin/tnt-lightning" method=topk model=vit_mnist data=synthetic measure=quick logger=csv; \
+	"$$tmp/venv/bin/python" -m tnt_lightning.bench --help >/dev/null; \
+	"$$tmp/venv/bin/python" -m tnt_lightning.report; \
+	"$$tmp/venv/bin/python" -m tnt_lightning.results doctor; \
+	"$$tmp/venv/bin/python" -c 'import json; [r] = map(json.loads, open("results/results.jsonl")); \
+		assert r["status"] == "ok" and r["env"]["git_commit"] is None, (r["status"], r["env"]["git_commit"])'; \
+	test -d outputs/runs && test -s reports/results.md; \
+	echo "test-wheel: ok (the installed wheel ran an evaluation, bench --help and the report outside the clone)"
 
 lint: ## ruff
 	$(PYTHON) -m ruff check src tests run.py
