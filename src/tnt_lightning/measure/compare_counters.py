@@ -13,19 +13,18 @@ import io
 import torch
 from omegaconf import OmegaConf
 
-from ..config import config_dir
+from ..config import compose_config
 from ..engine import backbone_info
 from ..models import BackboneSpec, create_model
 from .analytic import vit_macs
 from .flops import count_macs
 
-CONF = config_dir() / "model"
 BACKBONES = ("deit_tiny_distilled", "deit_small_distilled", "deit_base_distilled", "vit_b16_meanpool")
 
 
 def load_spec(name: str, fused_attn: bool) -> BackboneSpec:
-    """The backbone as ``conf/model/<name>.yaml`` defines it."""
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    """The backbone as ``conf/model/<name>.yaml`` defines it (composed: a config may extend another)."""
+    cfg = OmegaConf.to_container(compose_config([f"model={name}"]).model, resolve=True)
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return BackboneSpec(**{**cfg, "fused_attn": fused_attn})
 
