@@ -67,6 +67,10 @@ class AbsoluteStages(TokenReducer):
     def locations(self) -> list[Location]:
         return [Location(self.site, b) for b in self.blocks]
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each stage (bound): ``int(n0 * ratio)``, the conformance kit's rule."""
+        return dict(zip(self.locations(), self.counts, strict=True))
+
     def stage(self, loc: Location) -> int:
         return self.blocks.index(loc.block)
 

@@ -104,6 +104,10 @@ class ATS(AbsoluteStages):
         """The most non-prefix tokens each stage can keep (every sample distinct)."""
         return [len(sample_points(c)) for c in self.counts]
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """At most :meth:`bound_tokens` per stage: the count depends on the image."""
+        return dict(zip(self.locations(), self.bound_tokens(), strict=True))
+
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
         p = tokens.num_prefix
         points = sample_points(self.counts[self.stage(loc)])

@@ -173,6 +173,13 @@ class DynamicViT(LearnedReducer):
         stages = [Location(Site.AFTER, b) for b in self.blocks]
         return [Location(Site.PRE), *stages] if self.training else stages
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each stage in eval mode (bound): ``int(n0 * ratio)``, the kit's rule."""
+        n0 = self.info.num_patches
+        return {
+            Location(Site.AFTER, b): int(n0 * r) for b, r in zip(self.blocks, self.keep_ratios, strict=True)
+        }
+
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
         if loc.site is Site.PRE:  # masked training: every block from here on uses the masked softmax
             self.decisions = []

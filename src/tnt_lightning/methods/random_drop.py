@@ -26,6 +26,10 @@ from .staged import StagedReducer
 )
 class RandomDrop(StagedReducer):
     site = Site.AFTER
+    conformance_exceptions = {
+        "batch-independent": "draws one row of random scores per image of the batch (torch.rand(B, n)), so "
+        "which patches an image keeps depends on its place in the batch; the draws are seeded and repeat"
+    }
 
     def count_after(self, n: int, rate: float) -> int:
         return keep_floor(n, rate)

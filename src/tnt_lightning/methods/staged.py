@@ -55,6 +55,13 @@ class StagedReducer(TokenReducer):
     def count_after(self, n: int, rate: float) -> int:
         raise NotImplementedError
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each location (bound, eval mode): the conformance kit's keep rule."""
+        n, out = self.info.num_patches, {}
+        for loc in self.locations():
+            n = out[loc] = self.count_after(n, self.rates[loc.block])
+        return out
+
     def check_counts(self, n0: int) -> None:
         n = n0
         for loc in self.locations():

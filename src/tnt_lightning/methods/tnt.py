@@ -64,6 +64,12 @@ def make_alpha_head(dim: int, allocator: str) -> nn.Module:
     colour="#17becf",
 )
 class TNT(LearnedReducer):
+    conformance_exceptions = {
+        "batch-independent": "multi-layer: the step before block 0 draws one row of random importance per "
+        "image of the batch (torch.rand(B, n), as the official code), so an image's similarity pruning "
+        "depends on its place in the batch; single-layer passes"
+    }
+
     def __init__(
         self,
         info: BackboneInfo,
@@ -158,6 +164,18 @@ class TNT(LearnedReducer):
                 n = keep_floor(n, rate)
             if n < 1:
                 raise ReductionError(f"method=tnt would keep no token after block {block}; raise the rates")
+
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each location in eval mode (bound): multi-layer drops
+        ``pre_similarity_tokens`` before block 0; each block keeps ``int(n*K)``."""
+        n, out = self.info.num_patches, {}
+        for loc in self.locations():
+            n = out[loc] = (
+                n - self.pre_similarity_tokens
+                if loc.site is Site.PRE
+                else keep_floor(n, self.rates[loc.block])
+            )
+        return out
 
     @staticmethod
     def _clamped_s(n: int, k: int, s: int, where: str) -> int:

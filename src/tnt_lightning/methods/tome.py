@@ -108,6 +108,13 @@ class ToMe(TokenReducer):
     def locations(self) -> list[Location]:
         return [Location(Site.INSIDE, b) for b, r in sorted(self.r.items()) if r > 0]
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each location (bound): ``n - min(r, n // 2)``, the kit's keep rule."""
+        n, out = self.info.num_patches, {}
+        for loc in self.locations():
+            n = out[loc] = n - tome_merge_count(self.r[loc.block], n)
+        return out
+
     def needs(self, block: int) -> AttentionNeeds:
         return AttentionNeeds(keys=self.r.get(block, 0) > 0)
 

@@ -182,6 +182,14 @@ class ZeroTP(TokenReducer):
             if n < 1:
                 raise ReductionError(f"method=zerotp {loc} would keep no token; raise the keep rate")
 
+    def expected_tokens(self) -> dict[Location, int]:
+        """Patches left after each location (bound): ``int(n*K) + s`` candidates, less ``s``."""
+        n, out = self.info.num_patches, {}
+        for loc in self.locations():
+            rate, _, s = self.stages[loc.block]
+            n = out[loc] = min(n, keep_floor(n, rate) + s) - s
+        return out
+
     def importance(self, probs: Tensor, iterations: int) -> Tensor:
         per_head = weighted_pagerank(probs, iterations)
         if self.head_aggregation == "rms":
