@@ -103,6 +103,20 @@ def test_the_entry_point_route_registers_it_and_composes_its_config(tmp_path):
     assert proc.stdout.split() == ["my_method.L2Norm", "my_method.L2Norm"]
 
 
+def test_the_python_api_prunes_with_it(tmp_path):
+    check = (
+        "import timm, tnt_lightning as tl\n"
+        "m = timm.create_model('deit_tiny_patch16_224', pretrained=False)\n"
+        "print(type(tl.prune(m, 'l2norm', keep_rate=0.5).reducer).__name__, tl.token_trace(m)[2])\n"
+    )
+    env = {**os.environ, **ENV}
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == "L2Norm"
+
+
 def test_bench_refuses_a_method_override_that_would_time_another_method_under_a_label():
     with pytest.raises(SystemExit):
         bench.parse(["--methods", "topk", "--set", "method=random"])

@@ -104,16 +104,19 @@ def pruned_model(
 
 
 def method_config(name: str, seed: int = 0, paper_flops_compat: bool = False, **options: Any) -> DictConfig:
-    """Method ``name``'s config (its ``conf/method`` YAML) with ``options`` set, as a run composes it.
+    """Method ``name``'s config (its ``conf/method`` YAML, the project's or a declared plugin's) with
+    ``options`` set, as a run composes it.
 
     Raises:
         KeyError: ``name`` is not a registered method.
         TypeError: an option the method's config does not have.
     """
     from ..config import config_dir
+    from ..plugins import config_dirs
 
     get_method(name)
-    defaults = OmegaConf.load(config_dir() / "method" / f"{name}.yaml")
+    found = [d / "method" / f"{name}.yaml" for d in (config_dir(), *config_dirs())]
+    defaults = OmegaConf.load(next(f for f in found if f.is_file()))
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"method {name!r} has no option {unknown}; its options: {sorted(defaults)}")
