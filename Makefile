@@ -64,7 +64,7 @@ test-wheel: ## Build the wheel, install it in a fresh venv outside the clone, ru
 	"$$tmp/venv/bin/tnt-lightning" --info plugins | grep -q TntSlurmLauncher \
 		|| { echo "test-wheel: Hydra finds no TntSlurmLauncher in the wheel (hydra_plugins)"; exit 1; }; \
 	"$$tmp/venv/bin/tnt-lightning" method=topk model=vit_mnist data=synthetic measure=quick logger=csv; \
-	"$$tmp/venv/bin/python" -m tnt_lightning.bench --help >/dev/null; \
+	"$$tmp/venv/bin/python" -m tnt_lightning.measure.bench --help >/dev/null; \
 	"$$tmp/venv/bin/python" -m tnt_lightning.report; \
 	"$$tmp/venv/bin/python" -m tnt_lightning.results doctor; \
 	"$$tmp/venv/bin/python" -c 'import json; [r] = map(json.loads, open("results/results.jsonl")); \
@@ -85,16 +85,16 @@ clean-all: clean ## Also remove results/, cache/ (trained backbones and heads) a
 
 BENCH_ARGS ?=
 bench: ## Speed of every method and schedule vs the unpruned DeiT-S, in one process; table, JSON, plot in reports/bench (BENCH_ARGS="--full")
-	$(PYTHON) -m tnt_lightning.bench $(BENCH_ARGS)
+	$(PYTHON) -m tnt_lightning.measure.bench $(BENCH_ARGS)
 
 # The GPU check (README, "GPU check"): every CUDA path once, in reports/gpu/gpu_check.{md,json};
 # exit status 1 if any row failed. The smoke run is the same script on the CPU, small (CI runs it).
 GPU_CHECK_ARGS ?=
 gpu-check: ## Every CUDA path on one GPU (<= 8 min): gpu tests, methods, throughput, AMP training, memory (GPU_CHECK_ARGS=)
-	$(PYTHON) -m tnt_lightning.measure.gpu_check --device cuda --out reports/gpu $(GPU_CHECK_ARGS)
+	$(PYTHON) -m tnt_lightning.tasks.gpu_check --device cuda --out reports/gpu $(GPU_CHECK_ARGS)
 
 gpu-check-smoke: ## The GPU check's script on the CPU, small: known to work before a GPU minute is spent (CI)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m tnt_lightning.measure.gpu_check --device cpu --smoke --out reports/gpu/smoke $(GPU_CHECK_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m tnt_lightning.tasks.gpu_check --device cpu --smoke --out reports/gpu/smoke $(GPU_CHECK_ARGS)
 
 # Sweeps (sweeps/<name>.yaml; `ls sweeps`). ARGS adds overrides: ARGS="model=deit_base_distilled".
 # SWEEP may be empty for slurm/slurm-dry: then ARGS alone say what runs.
@@ -147,7 +147,7 @@ slurm-submit: ## `make slurm` in the background: submit, return at once, log in 
 
 WATCH_ARGS ?=
 slurm-status: ## Progress of the latest SLURM sweep: records by status, jobs by SLURM state (WATCH_ARGS="--follow 30")
-	$(PYTHON) -m tnt_lightning.watch $(WATCH_ARGS)
+	$(PYTHON) -m tnt_lightning.results.watch $(WATCH_ARGS)
 
 # A real single-node SLURM on this machine (root, Debian: installs slurm-wlm, munge, MariaDB),
 # then tests/slurm against it; scripts/slurm_local.sh stop ends the daemons it started.

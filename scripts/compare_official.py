@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from tnt_lightning.bench import build
 from tnt_lightning.config import register_configs
 from tnt_lightning.measure import TimedModel, same_process_speedup
+from tnt_lightning.measure.bench import build
+from tnt_lightning.measure.memory import keep_freed_memory
 from tnt_lightning.measure.throughput import device_name
-from tnt_lightning.memory import keep_freed_memory
 
 DEPTH = 12
 

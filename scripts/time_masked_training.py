@@ -26,10 +26,10 @@ from unittest import mock
 import torch
 from torch import Tensor
 
-from tnt_lightning.bench import build
 from tnt_lightning.config import register_configs
 from tnt_lightning.engine import attention
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
+from tnt_lightning.measure.bench import build
 from tnt_lightning.measure.throughput import device_name
 
 

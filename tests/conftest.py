@@ -133,8 +133,8 @@ def default_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_slurm_interruption_left_over():
-    """What tnt_lightning.slurm noted about a signal is per process: no test sees another's."""
-    from tnt_lightning import slurm
+    """What tnt_lightning.results.slurm noted about a signal is per process: no test sees another's."""
+    from tnt_lightning.results import slurm
 
     slurm._interruption = None
     yield

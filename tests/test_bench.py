@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tnt_lightning import bench
+from tnt_lightning.measure import bench
 
 
 def test_bench_writes_the_table_json_and_plot_for_every_method_and_schedule(tmp_path, capsys):

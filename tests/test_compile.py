@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from tnt_lightning import bench
-from tnt_lightning.config import ConfigError, validate
-from tnt_lightning.measure import TimedModel
+from tnt_lightning.config import validate
+from tnt_lightning.errors import ConfigError
+from tnt_lightning.measure import TimedModel, bench
 
 
 class Scaled(nn.Module):

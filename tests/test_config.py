@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from conftest import all_options, compose_config, run_py, tiny_vit
-from tnt_lightning.config import ConfigError, validate
+from tnt_lightning.config import validate
 from tnt_lightning.engine import backbone_info
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.methods import build_reducer
 from tnt_lightning.models import BackboneSpec
 from tnt_lightning.tasks.inputs import resolve_inputs

@@ -9,7 +9,7 @@ import torch
 
 from tnt_lightning.engine import Tokens
 from tnt_lightning.methods import RandomDrop, TopK
-from tnt_lightning.methods.keep import keep_floor
+from tnt_lightning.methods.common.keep import keep_floor
 from tnt_lightning.testing import CHECKS, assert_conforms, check_method, conformance_cases, run_check
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tnt_lightning.config import ConfigError
 from tnt_lightning.engine import apply_reducer, backbone_info
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit.optim import OptimConfig
 from tnt_lightning.lit.reduction import TokenReductionModule
 from tnt_lightning.methods.dynamicvit import DynamicViT

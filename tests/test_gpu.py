@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from tnt_lightning import bench
 from tnt_lightning.engine import apply_reducer, backbone_info
-from tnt_lightning.measure import TimedModel, measure_throughput
-from tnt_lightning.measure.gpu_check import TOLERANCES, exact_fp32, relative_error, traced_forward
+from tnt_lightning.measure import TimedModel, bench, measure_throughput
 from tnt_lightning.methods import DynamicViT
+from tnt_lightning.tasks.gpu_check import TOLERANCES, exact_fp32, relative_error, traced_forward
 
 pytestmark = pytest.mark.gpu
 

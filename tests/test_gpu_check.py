@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import HAS_CUDA
-from tnt_lightning.measure import gpu_check
+from tnt_lightning.tasks import gpu_check
 
 # The tiny backbone: the same code paths as DeiT-S, in seconds.
 FAST = ["--device", "cpu", "--model", "vit_mnist", "--methods", "topk,tnt"]

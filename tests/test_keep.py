@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_vit
 from tnt_lightning.engine import apply_reducer
 from tnt_lightning.methods import EViT, ToMe, TopK
-from tnt_lightning.methods.keep import (
+from tnt_lightning.methods.common.keep import (
     keep_ceil,
     keep_cumulative,
     keep_floor,

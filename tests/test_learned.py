@@ -647,7 +647,7 @@ def test_trained_file_with_a_fine_tuned_backbone_loads_it_into_the_model(tmp_pat
 def test_a_recipe_whose_lr_never_leaves_warm_up_is_refused_and_the_study_recipe_reaches_its_lr(tmp_path):
     """Per-epoch stepping (TNT's and dTPS's official schedule) trains epochs 0 and 1 at warmup_lr:
     with the embedded study's single epoch a training would run at 1e-6 throughout."""
-    from tnt_lightning.config import ConfigError
+    from tnt_lightning.errors import ConfigError
     from tnt_lightning.lit.optim import build_optimizer
     from tnt_lightning.tasks.train import check_schedule_reaches_lr
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 PROBE = """
 import ctypes, resource, sys
 sys.path.insert(0, {src!r})
-from tnt_lightning.memory import keep_freed_memory
+from tnt_lightning.measure.memory import keep_freed_memory
 print(keep_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

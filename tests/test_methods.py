@@ -14,8 +14,8 @@ import torch
 
 from tnt_lightning.engine import AttentionInfo, Location, Site, Tokens
 from tnt_lightning.methods import ETPS, EViT, RandomDrop, ToMe, TopK, ZeroTP, zerotp
-from tnt_lightning.methods.similarity import random_partition_prune, sequential_partition_prune
-from tnt_lightning.methods.squeeze import squeeze, squeeze_masked
+from tnt_lightning.methods.common.similarity import random_partition_prune, sequential_partition_prune
+from tnt_lightning.methods.common.squeeze import squeeze, squeeze_masked
 from tnt_lightning.methods.zerotp import weighted_pagerank
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from conftest import compose_config, run_py, tiny_vit
-from tnt_lightning.config import ConfigError
 from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.measure import analytic, count_macs
 from tnt_lightning.methods import TNT, build_reducer
@@ -26,7 +26,7 @@ from tnt_lightning.methods.spatial import centre_distances, threshold_for
 from tnt_lightning.models import BackboneSpec, WeightsUnavailableError, backbones, create_model
 from tnt_lightning.models.backbones import check_engine_support
 from tnt_lightning.tasks.inputs import resolve_inputs
-from tnt_lightning.visualize import patch_owners
+from tnt_lightning.tasks.token_maps import patch_owners
 
 
 def build(overrides: list[str], model, tmp_path):

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import run_py, tiny_vit
-from tnt_lightning.config import ConfigError
 from tnt_lightning.engine import apply_reducer, backbone_info
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
 from tnt_lightning.methods import TNT
 from tnt_lightning.results import read_records

@@ -60,7 +60,7 @@ def test_quiet_silences_lightning_info_and_verbose_leaves_it():
 
     import lightning.pytorch  # noqa: F401
 
-    from tnt_lightning.quiet import quiet
+    from tnt_lightning.tasks.quiet import quiet
 
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
@@ -129,7 +129,7 @@ def test_an_evaluation_does_not_train_a_learned_method_on_random_weights(compose
     import pytest
     from hydra.utils import instantiate
 
-    from tnt_lightning.config import UserError
+    from tnt_lightning.errors import UserError
     from tnt_lightning.tasks.evaluate import build_pruned_model
     from tnt_lightning.tasks.records import RunRecorder
 

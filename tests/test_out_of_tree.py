@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_py
-from tnt_lightning import bench
+from tnt_lightning.measure import bench
 from tnt_lightning.plugins import ENTRY_POINT_GROUP, ENV_VAR, MethodPluginError, import_plugins
 from tnt_lightning.results import read_records
 
@@ -72,7 +72,7 @@ def test_a_two_job_sweep_and_the_report_list_it(root):
 def test_the_bench_times_it_under_its_own_label_and_the_budget_tool_accepts_it(tmp_path):
     cheap = ["--batch-size", "4", "--warmup", "0", "--iters", "1", "--pairs", "1", "--no-ceiling"]
     args = ["--model", "vit_mnist", "--methods", "l2norm,topk", "--schedules", "single", "--device", "cpu"]
-    proc = python_m("tnt_lightning.bench", [*args, *cheap, "--out", str(tmp_path)], tmp_path, ENV)
+    proc = python_m("tnt_lightning.measure.bench", [*args, *cheap, "--out", str(tmp_path)], tmp_path, ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert set(rows) == {"l2norm", "topk"}

@@ -30,14 +30,20 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def declared() -> set[str]:
+def declared(extra: str | None = None) -> set[str]:
+    """The declared dependencies, with those of the optional ``extra`` when one is named."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {_name(r) for r in project["dependencies"]}
+    extras = project.get("optional-dependencies", {}).get(extra, []) if extra else []
+    return {_name(r) for r in [*project["dependencies"], *extras]}
 
 
-def imported_modules() -> set[str]:
+def imported_modules(folder: Path | None = None, skip: Path | None = None) -> set[str]:
+    """What the package's modules (those under ``folder``, none under ``skip``) import from outside it."""
     modules = set()
-    for path in [*(ROOT / "src").rglob("*.py"), ROOT / "run.py"]:
+    paths = [*(folder or ROOT / "src").rglob("*.py")] + ([] if folder else [ROOT / "run.py"])
+    for path in paths:
+        if skip is not None and skip in path.parents:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
@@ -46,14 +52,24 @@ def imported_modules() -> set[str]:
     return modules - set(sys.stdlib_module_names) - LOCAL
 
 
-def test_every_imported_package_is_a_declared_dependency():
+KIT = ROOT / "src" / "tnt_lightning" / "testing"
+
+
+@pytest.mark.parametrize(
+    "folder,skip,extra",
+    [(None, KIT, None), (KIT, None, "testing")],
+    ids=["package", "conformance-kit"],
+)
+def test_every_imported_package_is_a_declared_dependency(folder, skip, extra):
+    """The package's imports are dependencies; the conformance kit may also import its extra's
+    (``pip install tnt-lightning[testing]``: pytest, for a user's own test file)."""
     distributions = packages_distributions()
     missing = {}
-    for module in sorted(imported_modules()):
+    for module in sorted(imported_modules(folder, skip)):
         names = {_name(d) for d in distributions.get(module, [module])}
-        if not names & declared():
+        if not names & declared(extra):
             missing[module] = sorted(names)
-    assert not missing, f"imported but not in pyproject [project] dependencies: {missing}"
+    assert not missing, f"imported but not in pyproject [project] dependencies (or [{extra}]): {missing}"
 
 
 def test_lock_pins_every_declared_dependency_exactly():

@@ -19,9 +19,9 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
 from conftest import compose_config
-from tnt_lightning.config import ConfigError
 from tnt_lightning.data import resolve_preprocessing
 from tnt_lightning.data.base import loader_workers
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.results import config_key
 from tnt_lightning.results.identity import DEIT_PREPROCESSING, data_identity
 from tnt_lightning.tasks.inputs import resolve_inputs

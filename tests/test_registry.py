@@ -112,7 +112,7 @@ def test_an_all_methods_sweep_lists_every_method_but_its_documented_exceptions(s
 
 
 def test_the_bench_report_and_budget_take_their_methods_from_the_registry():
-    from tnt_lightning import bench
+    from tnt_lightning.measure import bench
     from tnt_lightning.report import budget, plots, tables
 
     names = method_names()

@@ -20,7 +20,7 @@ from hydra_plugins.tnt_lightning_slurm import (
     submission_errors,
     submitit_timed_out,
 )
-from tnt_lightning import slurm, watch
+from tnt_lightning.results import slurm, watch
 
 GOOD = {
     "nodes": 1,

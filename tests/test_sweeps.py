@@ -151,8 +151,8 @@ def test_the_sweep_report_tells_recorded_skipped_and_failed_jobs(tmp_path, capsy
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from tnt_lightning.config import ConfigError
-    from tnt_lightning.sweep_report import SweepReport
+    from tnt_lightning.errors import ConfigError
+    from tnt_lightning.tasks.sweep_report import SweepReport
 
     report = SweepReport()
     report.total, report.common = 4, ["data=synthetic"]
@@ -307,7 +307,7 @@ def test_wandb_runs_are_named_grouped_and_tagged_for_the_dashboard(tmp_path):
 
 
 def test_skipped_records_of_another_commit_are_said_in_one_line():
-    from tnt_lightning.sweep_report import Outcome, other_commit_line
+    from tnt_lightning.tasks.sweep_report import Outcome, other_commit_line
 
     now, old = "a" * 40, "b" * 40
     outcomes = [

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import compose_config, run_py
-from tnt_lightning.config import ConfigError
 from tnt_lightning.data.mnist import MNIST_MEAN, MNIST_STD
+from tnt_lightning.errors import ConfigError
 from tnt_lightning.results import read_records
 from tnt_lightning.tasks import run_task
-from tnt_lightning.visualize import (
+from tnt_lightning.tasks.token_maps import (
     DPI,
     GREY,
     GREY_ALPHA,

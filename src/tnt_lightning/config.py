@@ -18,6 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import ConfigError
+
 
 class Task(Enum):
     eval = "eval"  # measure accuracy, GFLOPs and throughput of a (pruned) backbone
@@ -36,7 +38,7 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
     skip_recorded: bool = True
     paper_flops_compat: bool = False
-    verbose: bool = False  # library banners and harmless warnings (tnt_lightning.quiet)
+    verbose: bool = False  # library banners and harmless warnings (tnt_lightning.tasks.quiet)
     model: Any = MISSING
     method: Any = MISSING
     schedule: Any = MISSING
@@ -48,15 +50,6 @@ class RunConfig:
     train: Any = None
     visualize: Any = None
     extra: Any = field(default_factory=dict)
-
-
-class UserError(Exception):
-    """Something the user asked for cannot be done; run.py prints its message alone, in one line
-    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is out of its allowed range."""
 
 
 # conf/ of the repository, shipped inside the package (pyproject.toml): Hydra reads it as

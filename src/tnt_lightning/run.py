@@ -14,14 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import CONFIG_PACKAGE, UserError, check_added_keys, config_dir, register_configs
+from .config import CONFIG_PACKAGE, check_added_keys, config_dir, register_configs
+from .errors import UserError
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from .quiet import quiet
+    from .tasks.quiet import quiet
 
     quiet(cfg.get("verbose", False))
     hydra_cfg = HydraConfig.get()
@@ -41,7 +42,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def cli() -> None:
     """The console entry point: the sweep-key check, then Hydra."""
-    from .sweep_keys import check_sweep_overrides
+    from .tasks.sweep_keys import check_sweep_overrides
 
     try:  # a key override on a swept group, before Hydra composes the sweep (sweep_keys.py)
         sys.argv[1:] = check_sweep_overrides(sys.argv[1:], config_dir())

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
-from ..config import UserError
+from ..errors import UserError
 from ..results.content import EVAL_SPLIT_FALLBACKS, IMAGE_EXTENSIONS
 from ..results.identity import PREPROCESS_KEYS
 from .base import ClassificationDataModule

@@ -23,7 +23,7 @@ from typing import Any
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..results.identity import DEIT_PREPROCESSING, PREPROCESS_KEYS
 
 PREPROCESS_SOURCES = ("model", "deit", "given")

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import UserError
+from ..errors import UserError
 from .tokens import Tokens
 
 

@@ -19,8 +19,8 @@ import torch
 from timm.data import Mixup
 from torch import nn
 
-from ..config import ConfigError
-from ..methods.learned import LearnedReducer
+from ..errors import ConfigError
+from ..methods.common.learned import LearnedReducer
 from .classifier import ImageClassifier, TopKCorrect
 from .optim import OptimConfig, build_optimizer
 

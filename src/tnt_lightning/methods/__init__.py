@@ -13,17 +13,17 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine import BackboneInfo, ReductionError, TokenReducer
 from ..models.backbones import PruningDefaults
 from .ats import ATS
+from .common.learned import LearnedReducer
+from .common.staged import StagedReducer
 from .dpcknn import DPCKNN
 from .dynamicvit import DTPS, DynamicViT
 from .evit import EViT
 from .kmedoids import KMedoids
-from .learned import LearnedReducer
 from .patchmerger import PatchMerger
 from .random_drop import RandomDrop
 from .sinkhorn import Sinkhorn
 from .sit import SiT
 from .spatial import SpatialHeuristic
-from .staged import StagedReducer
 from .tnt import TNT
 from .tome import ToMe
 from .topk import TopK

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Location, Site, Tokens
 from ..engine.registry import register_method
-from .absolute import AbsoluteStages
+from .common.absolute import AbsoluteStages
 
 
 def sample_points(count: int) -> Tensor:

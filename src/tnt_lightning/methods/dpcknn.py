@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..engine import AttentionInfo, Location, ReductionError, Site, Tokens, gather_rows
 from ..engine.registry import register_method
-from .absolute import AbsoluteStages, merge_clusters
+from .common.absolute import AbsoluteStages, merge_clusters
 
 
 def dpc_knn(x: Tensor, clusters: int, neighbours: int, noise: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens, gather_rows
 from ..engine.attention import official_rounding
 from ..engine.registry import register_method
-from .learned import LearnedReducer, TrainingOutput, classification_loss
-from .squeeze import squeeze, squeeze_masked
+from .common.learned import LearnedReducer, TrainingOutput, classification_loss
+from .common.squeeze import squeeze, squeeze_masked
 
 TOKEN_LOSSES = ("mse", "kl")
 

@@ -18,8 +18,8 @@ import torch
 
 from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens, complement, gather_rows
 from ..engine.registry import register_method
-from .keep import keep_ceil
-from .staged import StagedReducer
+from .common.keep import keep_ceil
+from .common.staged import StagedReducer
 from .topk import cls_attention
 
 

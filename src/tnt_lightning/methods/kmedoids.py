@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Location, ReductionError, Site, Tokens, gather_rows
 from ..engine.registry import register_method
-from .absolute import AbsoluteStages, merge_clusters
+from .common.absolute import AbsoluteStages, merge_clusters
 
 
 def k_medoids(x: Tensor, weight: Tensor, k: int, iterations: int) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..engine import BackboneInfo
 from ..engine.registry import register_method
-from .soft_merge import MergeStage, SoftMergeReducer
+from .common.soft_merge import MergeStage, SoftMergeReducer
 
 
 class PatchMergerStage(MergeStage):

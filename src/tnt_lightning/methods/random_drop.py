@@ -10,8 +10,8 @@ import torch
 
 from ..engine import AttentionInfo, Site, Tokens
 from ..engine.registry import register_method
-from .keep import keep_floor
-from .staged import StagedReducer
+from .common.keep import keep_floor
+from .common.staged import StagedReducer
 
 
 @register_method(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..engine import BackboneInfo, ReductionError
 from ..engine.registry import register_method
-from .soft_merge import MergeStage, SoftMergeReducer
+from .common.soft_merge import MergeStage, SoftMergeReducer
 
 
 def sinkhorn_assignment(scores: Tensor, eps: float, iterations: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..engine import BackboneInfo, ReductionError
 from ..engine.registry import register_method
-from .soft_merge import MergeStage, SoftMergeReducer, init_like_timm_vit
+from .common.soft_merge import MergeStage, SoftMergeReducer, init_like_timm_vit
 
 
 class SlimmingStage(MergeStage):

@@ -21,7 +21,7 @@ import torch
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens
 from ..engine.registry import register_method
-from .absolute import AbsoluteStages
+from .common.absolute import AbsoluteStages
 
 PATTERNS = ("l1", "l2", "linf")
 GRIDS = ("haurum", "centred")

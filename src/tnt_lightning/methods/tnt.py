@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens, gather_rows
 from ..engine.registry import register_method
-from .keep import keep_floor
-from .learned import LearnedReducer, TrainingOutput, classification_loss
-from .similarity import random_partition_merge, random_partition_prune, sequential_partition_prune
+from .common.keep import keep_floor
+from .common.learned import LearnedReducer, TrainingOutput, classification_loss
+from .common.similarity import random_partition_merge, random_partition_prune, sequential_partition_prune
 
 log = logging.getLogger(__name__)
 

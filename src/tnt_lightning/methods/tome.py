@@ -28,7 +28,7 @@ from ..engine import (
     gather_rows,
 )
 from ..engine.registry import register_method
-from .keep import tome_merge_count, tome_single_layer_r
+from .common.keep import tome_merge_count, tome_single_layer_r
 
 # keys_mean: the official metric, the block's keys averaged over heads (D/H wide). keys: all heads
 # concatenated (D wide), which the paper's own ViT/16 ToMe GFLOPs fit (METHODS.md 6.4).

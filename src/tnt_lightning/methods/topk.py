@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..engine import AttentionInfo, AttentionNeeds, Site, Tokens
 from ..engine.registry import register_method
-from .keep import keep_floor
-from .staged import StagedReducer
+from .common.keep import keep_floor
+from .common.staged import StagedReducer
 
 
 def cls_attention(attn: AttentionInfo, num_prefix: int) -> Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from ..engine import AttentionInfo, AttentionNeeds, ReductionError, Site, Tokens, complement, gather_rows
 from ..engine.registry import register_method
-from .keep import keep_ceil, keep_floor
-from .squeeze import squeeze
-from .staged import StagedReducer
+from .common.keep import keep_ceil, keep_floor
+from .common.squeeze import squeeze
+from .common.staged import StagedReducer
 from .topk import cls_attention
 
 ROUNDINGS = {"floor": keep_floor, "ceil": keep_ceil}

@@ -35,8 +35,8 @@ from ..engine import (
     gather_rows,
 )
 from ..engine.registry import register_method
-from .keep import keep_floor
-from .similarity import sequential_partition_prune
+from .common.keep import keep_floor
+from .common.similarity import sequential_partition_prune
 
 HEAD_AGGREGATIONS = ("rms", "mean")
 

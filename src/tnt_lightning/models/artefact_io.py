@@ -11,7 +11,7 @@ Cache files are written by :func:`save_artefact`: to a temporary name, renamed i
 ``<file>.sha256`` beside it (the format of ``sha256sum``, so ``sha256sum -c`` checks it too). Any
 file with such a checksum beside it, a user's included, is checked against it before it is read.
 The temporary files of killed writes are removed by the next write or check of the same file
-(:mod:`tnt_lightning.tempfiles`), or by ``python -m tnt_lightning.results doctor --repair``.
+(:mod:`tnt_lightning.results.tempfiles`), or by ``python -m tnt_lightning.results doctor --repair``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
-from ..tempfiles import remove_stale_temps, temp_path
+from ..errors import ConfigError
+from ..results.tempfiles import remove_stale_temps, temp_path
 
 log = logging.getLogger(__name__)
 

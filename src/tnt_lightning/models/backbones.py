@@ -18,7 +18,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..config import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .conv_stem import EMBED_LAYERS
 from .patch_dropout import ContentPatchDropout
 

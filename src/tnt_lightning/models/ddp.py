@@ -30,7 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .. import slurm
+from ..results import slurm
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def wait_for(path: Path, what: str, ready: Callable[[Path], bool] = Path.exists)
 
 
 def _post(path: Path, text: str) -> None:
-    from ..tempfiles import write_atomic
+    from ..results.tempfiles import write_atomic
 
     write_atomic(path, text)
 

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from ..results.identity import data_identity, legacy_data_identity
 from .artefact_io import adopt_legacy, checksum_matches, load_weight_file, reuse_cached, save_artefact
 from .backbones import BackboneSpec

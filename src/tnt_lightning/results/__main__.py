@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..tempfiles import process_state, stale_temps, write_atomic
 from .store import CLAIM_LOST, RESULTS_FILE, ResultsStore, holder_alive_here
+from .tempfiles import process_state, stale_temps, write_atomic
 
 
 def _default_root() -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..tempfiles import write_atomic
+from .tempfiles import write_atomic
 
 log = logging.getLogger(__name__)
 

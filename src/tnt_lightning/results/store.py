@@ -40,11 +40,11 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .. import slurm
-from ..config import UserError
-from ..tempfiles import pid_alive, process_start, write_atomic
+from ..errors import UserError
+from . import slurm
 from .identity import with_content
 from .keys import CONFIG_KEY_VERSION, config_key
+from .tempfiles import pid_alive, process_start, write_atomic
 
 log = logging.getLogger(__name__)
 

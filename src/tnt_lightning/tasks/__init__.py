@@ -13,8 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, Task, check_environment, validate
-from ..memory import keep_freed_memory
+from ..config import Task, check_environment, validate
+from ..errors import ConfigError
+from ..measure.memory import keep_freed_memory
 from ..results import ResultsStore, StoreError, config_key
 from .interrupts import interruption_signals, outcome
 from .preflight import preflight

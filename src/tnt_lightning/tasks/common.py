@@ -111,7 +111,7 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger] | bool = False, **overri
     on the bar, and a logged estimate of a training's duration once its first steps are timed."""
     overrides["callbacks"] = [*overrides.get("callbacks", []), TrainingTimeEstimate()]
     if cfg.trainer.get("enable_progress_bar", True):
-        from ..quiet import epoch_of_total_bar
+        from .quiet import epoch_of_total_bar
 
         overrides["callbacks"] = [*overrides.get("callbacks", []), epoch_of_total_bar()]
     return instantiate(cfg.trainer, logger=loggers, **overrides)

@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
-from ..config import ConfigError
 from ..data import ClassificationDataModule
+from ..errors import ConfigError
 from ..lit import ImageClassifier
 from ..measure import (
     TimedModel,

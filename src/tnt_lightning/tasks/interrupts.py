@@ -3,7 +3,7 @@
 SIGTERM (``scancel``, ``kill``, a scheduler's time-out) and SIGINT (Ctrl-C) raise
 :class:`JobInterrupted` in the running task; the task's record says ``interrupted`` and the
 process exits with 128 + the signal's number, so a sweep never ends with exit 0 and jobs left
-undone. Under ``hydra/launcher=slurm``, :mod:`tnt_lightning.slurm` tells requeues from cancels:
+undone. Under ``hydra/launcher=slurm``, :mod:`tnt_lightning.results.slurm` tells requeues from cancels:
 a requeued attempt (SIGTERM of ``scontrol requeue``, or submitit's USR2 requeue and its
 ``SystemExit(-1)``) is recorded as ``preempted`` (the requeued job resumes and records the
 outcome), a cancelled one as ``interrupted``, and one submitit will not requeue again as ``timed_out``.
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-from .. import slurm
+from ..results import slurm
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -48,7 +48,7 @@ def interruption_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    # Under hydra/launcher=slurm, SIGTERM is tnt_lightning.slurm's: it asks slurmctld whether the
+    # Under hydra/launcher=slurm, SIGTERM is tnt_lightning.results.slurm's: it asks slurmctld whether the
     # job was requeued or cancelled, and raises accordingly. Keep it.
     ours = [s for s in STOP_SIGNALS if getattr(signal.getsignal(s), "__module__", "") != slurm.__name__]
     previous = {s: signal.signal(s, _raise_interrupted) for s in ours}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..config import ConfigError, Task
+from ..config import Task
+from ..errors import ConfigError
 
 
 def check_training_batch(cfg: DictConfig) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..models import BackboneSpec, count_parameters, ensure_pretrained
 from ..models.ddp import Ranks
 from ..results import results_path

@@ -16,8 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import slurm
-from ..results import CONFIG_KEY_VERSION, ResultsStore, config_key
+from ..results import CONFIG_KEY_VERSION, ResultsStore, config_key, slurm
 from .interrupts import outcome, signals_deferred
 
 log = logging.getLogger(__name__)

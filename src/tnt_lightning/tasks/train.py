@@ -15,9 +15,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, epoch_budget
+from ..config import epoch_budget
 from ..engine import apply_reducer, backbone_info
 from ..engine.registry import learned_methods
+from ..errors import ConfigError
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
 from ..lit.optim import epoch_lr

@@ -18,14 +18,14 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 from torch import Tensor
 
-from ..config import ConfigError
 from ..data import ClassificationDataModule, ImageFolderDataModule, MNISTDataModule
 from ..data.mnist import MNIST_MEAN, MNIST_STD
+from ..errors import ConfigError
 from ..models import BackboneSpec
-from ..visualize import draw_token_maps, patch_owners, to_rgb
 from .common import format_summary, job_loggers
 from .evaluate import build_pruned_model, check_data_fits_model
 from .records import RunRecorder
+from .token_maps import draw_token_maps, patch_owners, to_rgb
 
 log = logging.getLogger(__name__)
 

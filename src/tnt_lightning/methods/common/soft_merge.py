@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens
+from ...engine import AttentionInfo, BackboneInfo, Location, ReductionError, Site, Tokens
 from .absolute import AbsoluteStages, cumulative_ratios, merge_clusters
 from .keep import keep_cumulative
 from .learned import LearnedReducer, TrainingOutput, classification_loss

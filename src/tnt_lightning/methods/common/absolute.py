@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..engine import BackboneInfo, Location, ReductionError, Site, TokenReducer, Tokens
+from ...engine import BackboneInfo, Location, ReductionError, Site, TokenReducer, Tokens
 from .keep import keep_cumulative
 
 

@@ -1,4 +1,5 @@
-"""Progress of a SLURM sweep from another shell: ``python -m tnt_lightning.watch`` (``make slurm-status``).
+"""Progress of a SLURM sweep from another shell: ``make slurm-status``, or
+``python -m tnt_lightning.results.watch``.
 
 ``make slurm`` waits until the sweep's last job ends; this reads what the sweep left on disk and
 what SLURM says, without waiting:
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import read_records
+from . import read_records
 
 # sacct states of a job that has not ended yet.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED"}

@@ -27,8 +27,8 @@ out as skipped. Writes ``gpu_check.md`` and ``gpu_check.json`` to ``--out``.
 batches, two training steps, one pass per timing, bf16 in place of fp16 for timings, one compiled
 method), so that the script is known to work before a GPU minute is spent.
 
-    python -m tnt_lightning.measure.gpu_check                      # on a GPU machine
-    python -m tnt_lightning.measure.gpu_check --device cpu         # the CPU smoke run (CI)
+    python -m tnt_lightning.tasks.gpu_check                      # on a GPU machine
+    python -m tnt_lightning.tasks.gpu_check --device cpu         # the CPU smoke run (CI)
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import register_configs, source_root
-from ..quiet import quiet
-from .flops import _EXTRA_FORMULAS
-from .speedup import base_key, same_process_speedup, unpruned
-from .throughput import DTYPES, TimedModel, device_name
+from ..measure.flops import _EXTRA_FORMULAS
+from ..measure.speedup import base_key, same_process_speedup, unpruned
+from ..measure.throughput import DTYPES, TimedModel, device_name
+from .quiet import quiet
 
 ROOT = source_root()
 SECTIONS = ("tests", "methods", "throughput", "training", "memory", "compiled")
@@ -169,7 +169,7 @@ def exact_fp32() -> Iterator[None]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from ..bench import METHODS
+    from ..measure.bench import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -256,7 +256,7 @@ class Context:
         self.gflops: dict[str, float] = {}
 
     def build(self, method: str | None) -> tuple[torch.nn.Module, Any]:
-        from ..bench import build
+        from ..measure.bench import build
 
         return build(self.common + ([f"method={method}"] if method else []))
 
@@ -352,7 +352,7 @@ def check_method(ctx: Context, method: str) -> dict[str, Any]:
 
 def check_throughput(ctx: Context, method: str, batch: int, dtype: str) -> dict[str, Any]:
     """Same-process speedup of ``method`` over the unpruned model, the paper's protocol."""
-    from ..bench import build
+    from ..measure.bench import build
 
     args, device = ctx.args, ctx.device
     model, spec = ctx.build(method)
@@ -454,8 +454,8 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     from ..methods import build_reducer
     from ..models import create_model
     from ..models.trained import recipe
-    from ..tasks.common import make_trainer
-    from ..tasks.train import backbone_lr_scale, training_config
+    from .common import make_trainer
+    from .train import backbone_lr_scale, training_config
 
     args, device = ctx.args, ctx.device
     steps, batch = args.train_steps, args.train_batch

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import UserError
+from ..errors import UserError
 
 
 class SweepOverrideError(UserError):
@@ -37,7 +37,7 @@ def _lacking(conf_dir: Path, group: str, options: list[str], key: str) -> list[s
     """The options of ``group`` whose composed config has no ``key``."""
     from omegaconf import OmegaConf
 
-    from .config import compose_config
+    from ..config import compose_config
 
     absent = object()
     return [

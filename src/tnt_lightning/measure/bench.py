@@ -13,7 +13,7 @@ many tokens with no selection work at all, against which a method's ratio is to 
 PageRank). Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to ``--out``, and
 prints the machine, the protocol and the table.
 
-    python -m tnt_lightning.bench --model deit_small_distilled --keep-rate 0.5
+    python -m tnt_lightning.measure.bench --model deit_small_distilled --keep-rate 0.5
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from hydra.utils import instantiate
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import MEASURE_DTYPES, compose_config, register_configs
-from .engine import ReductionError, backbone_info
-from .engine.registry import method_names
-from .measure import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
-from .measure.throughput import device_name
+from ..config import MEASURE_DTYPES, compose_config, register_configs
+from ..engine import ReductionError, backbone_info
+from ..engine.registry import method_names
+from ..methods.assembly import pruned_model
+from . import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
 from .memory import keep_freed_memory
-from .methods.assembly import pruned_model
+from .throughput import device_name
 
 # Every registered method (the baseline `none` is the base every row is timed against), in display order.
 METHODS = method_names()

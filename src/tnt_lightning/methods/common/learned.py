@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import TokenReducer
+from ...engine import TokenReducer
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ..engine import AttentionInfo, Location, ReductionError, Site, TokenReducer, Tokens
+from ...engine import AttentionInfo, Location, ReductionError, Site, TokenReducer, Tokens
 
 
 class StagedReducer(TokenReducer):

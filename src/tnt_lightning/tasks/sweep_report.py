@@ -145,7 +145,7 @@ class SweepReport(Callback):
             pass  # the table still has it when the job ran in this process
 
     def _print_failure(self, job: int, error: BaseException) -> None:
-        from .config import UserError
+        from ..errors import UserError
 
         print(f"{self._name(job)} failed:", file=sys.stderr)
         if isinstance(error, UserError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
@@ -181,7 +181,7 @@ def other_commit_line(outcomes: list[Outcome], current: str | None = None) -> st
     """One line when skipped jobs were recorded by another commit than this code's, with how to
     run them again; None when every skipped record is this commit's (or no commit is known)."""
     if current is None:
-        from .tasks.records import git_commit
+        from .records import git_commit
 
         current = git_commit()
     if current is None:

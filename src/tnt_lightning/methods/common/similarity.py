@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import complement, gather_rows
+from ...engine import complement, gather_rows
 
 
 def _most_redundant(features: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
