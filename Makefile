@@ -4,7 +4,8 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke test-wheel
+	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke test-wheel \
+	conformance
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +41,9 @@ test-resume: ## The SIGKILL-and-resume tests of training and pretraining (slow: 
 
 test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
 	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
+
+conformance: ## The conformance kit: every registered method x every check, as a Markdown table (~2 min)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m tnt_lightning.testing
 
 # The package as a user gets it (`pip install`), not as the clone runs it: the wheel is built from a
 # copy of the sources (no stale build/ in the clone), installed with the lock's versions into a fresh
