@@ -449,9 +449,9 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from ..config import compose_config
-    from ..engine import apply_reducer, backbone_info
+    from ..engine import apply_reducer
     from ..lit import OptimConfig, TokenReductionModule
-    from ..methods import build_reducer
+    from ..methods.assembly import reducer_for
     from ..models import create_model
     from ..models.trained import recipe
     from .common import make_trainer
@@ -487,8 +487,8 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
     spec = dataclasses.replace(instantiate(cfg.model), drop_path_rate=float(rec.drop_path))
     model = create_model(spec)
     tcfg = training_config(cfg)
-    reducer, _ = build_reducer(tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning, backbone_info(model))
-    apply_reducer(model, reducer)
+    reducer, _ = reducer_for(model, tcfg.method, tcfg.schedule, tcfg.keep_rate, spec.pruning)
+    apply_reducer(model, reducer)  # as tasks/train.py's fit: training keeps the DIST token
     datamodule = instantiate(cfg.data)
     datamodule.batch_size = batch
     watcher = StepWatcher(watch_step=max(0, steps - 2) if cuda else None)
