@@ -12,7 +12,7 @@ What it adds to ``submitit_slurm`` (hydra-submitit-launcher 1.2, submitit 1.5):
   (submitit alone: without limit). A requeue from outside (``scontrol requeue``, a preempting
   partition) sends SIGTERM instead; SLURM requeues the job by itself.
 * **What the run knows**: every USR2/SIGTERM and what was done about it is noted in
-  :mod:`tnt_lightning.slurm`, so that a run's record can say ``preempted`` rather than ``failed``.
+  :mod:`tnt_lightning.results.slurm`, so that a run's record can say ``preempted`` rather than ``failed``.
 * **Checks before submitting** (also for ``make slurm-dry``): what sbatch would refuse (no
   tasks, no CPUs, ...) and a trainer that does not match the GPUs asked for.
 
@@ -169,7 +169,7 @@ class TntSlurmLauncher(SlurmLauncher):
 
     def check(self) -> None:
         """Refuse, with every reason at once, what sbatch or the job would refuse."""
-        from tnt_lightning.config import ConfigError
+        from tnt_lightning.errors import ConfigError
 
         trainer = None
         if self.config is not None and "trainer" in self.config:
@@ -187,7 +187,7 @@ class TntSlurmLauncher(SlurmLauncher):
         self.check()
         errors = node_fit_errors(self.params)
         if errors:
-            from tnt_lightning.config import ConfigError
+            from tnt_lightning.errors import ConfigError
 
             raise ConfigError("cannot submit this SLURM job:\n  " + "\n  ".join(errors))
         log.info(
@@ -201,13 +201,13 @@ class TntSlurmLauncher(SlurmLauncher):
 
         An attempt that ends because the job was requeued never returns: whatever it raised
         (SystemExit(-1) from submitit, or an error while closing W&B on the way out) becomes
-        :class:`~tnt_lightning.slurm.SlurmRequeued`, so submitit writes no result and the waiting
+        :class:`~tnt_lightning.results.slurm.SlurmRequeued`, so submitit writes no result and the waiting
         launcher waits for the rerun instead of taking this attempt as the job's end. A cancelled
         attempt returns a failed JobReturn, so the launcher gets a result for it.
         """
         from hydra.core.utils import JobStatus
 
-        from tnt_lightning import slurm
+        from tnt_lightning.results import slurm
 
         self._started_at = time.time()
         slurm.watch_sigterm(signal.getsignal(signal.SIGTERM))
@@ -232,7 +232,7 @@ class TntSlurmLauncher(SlurmLauncher):
         disk (last.ckpt, trained artefacts, the results store). submitit then runs
         ``scontrol requeue`` and raises ``SystemExit(-1)`` in the running task.
         """
-        from tnt_lightning import slurm
+        from tnt_lightning.results import slurm
 
         timed_out = submitit_timed_out(time.time() - self._started_at, self.params["timeout_min"])
         if timed_out and self.timeouts >= self.params["max_num_timeout"]:
