@@ -214,6 +214,10 @@ def format_summary(record: dict[str, Any]) -> str:
         )
     if m.get("params_m") is not None:
         parts.append(f"params {m['params_m']:.3f}M")
+    split = record["details"].get("time_split")
+    if split:
+        seconds = f"data {split['data_s']:.1f}, model {split['model_s']:.1f}, other {split['overhead_s']:.1f}"
+        parts.append(f"evaluated in {split['wall_s']:.1f} s ({seconds}: {split['bound']}-bound)")
     knob = f"keep_rate={record['keep_rate']}"
     if record["keep_rate"] is None and (record.get("schedule") or {}).get("r") is not None:
         knob = f"r={record['schedule']['r']}"

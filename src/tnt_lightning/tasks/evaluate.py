@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..data import ClassificationDataModule
 from ..errors import ConfigError
 from ..lit import ImageClassifier
+from ..lit.timing import WallTimeSplit
 from ..measure import (
     TimedModel,
     base_key,
@@ -153,10 +154,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if image_dependent:
                 recorder.details["gflops_over"] = "one random input (cost-only run)"
         if datamodule.has_labels:
-            trainer = make_trainer(cfg, loggers, enable_checkpointing=False)
+            split = WallTimeSplit()
+            trainer = make_trainer(cfg, loggers, enable_checkpointing=False, callbacks=[split])
             # verbose=False: Lightning's metric box repeats what the summary prints (verbose=true keeps it)
             classifier = ImageClassifier(model, datamodule.num_classes)
             trainer.test(classifier, datamodule=datamodule, verbose=bool(cfg.verbose))
+            recorder.details["time_split"] = split.split
             accuracy = classifier.accuracy("test")
             recorder.metrics.update(acc1=accuracy["acc1"], acc5=accuracy["acc5"])
             recorder.details["images_evaluated"] = accuracy["images"]
