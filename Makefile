@@ -65,7 +65,7 @@ test-wheel: ## Build the wheel, install it in a fresh venv outside the clone, ru
 	cd "$$tmp/run"; unset TNT_ROOT; export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	conf=$$("$$tmp/venv/bin/python" -c 'from tnt_lightning.config import config_dir; print(config_dir())'); \
 	case "$$conf" in "$$tmp/venv/"*) ;; *) echo "test-wheel: configs read from $$conf, not from the wheel"; exit 1;; esac; \
-	"$$tmp/venv/bin/tnt-lightning" --info plugins | grep -q TntSlurmLauncher \
+	"$$tmp/venv/bin/tnt-lightning" --info plugins | grep TntSlurmLauncher >/dev/null \
 		|| { echo "test-wheel: Hydra finds no TntSlurmLauncher in the wheel (hydra_plugins)"; exit 1; }; \
 	"$$tmp/venv/bin/tnt-lightning" method=topk model=vit_mnist data=synthetic measure=quick logger=csv; \
 	"$$tmp/venv/bin/python" -m tnt_lightning.measure.bench --help >/dev/null; \
