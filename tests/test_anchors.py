@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF, compose_config
+from helpers import CONF, compose_config
 from tnt_lightning.engine import remove_reducer
 from tnt_lightning.measure import count_macs
 from tnt_lightning.methods.assembly import attach, reducer_for

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import CONF, HAS_CUDA, compose_config, run_py
+from helpers import CONF, HAS_CUDA, compose_config, run_py
 from tnt_lightning.config import check_added_keys, check_environment, validate
 from tnt_lightning.errors import UserError
 from tnt_lightning.tasks import run_task

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from conftest import CONF
+from helpers import CONF
 from tnt_lightning.data import ClutteredMNISTDataModule
 from tnt_lightning.data.cluttered_mnist import CANVAS, DIGIT, build_split
 from tnt_lightning.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist_digits, stratified_split

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from conftest import all_options, compose_config, run_py, tiny_vit
+from helpers import all_options, compose_config, run_py, tiny_vit
 from tnt_lightning.config import validate
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.errors import ConfigError
@@ -65,7 +65,7 @@ def test_hydra_launchers_compose(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from conftest import CONF
+    from helpers import CONF
 
     for launcher in ("slurm", "local"):
         GlobalHydra.instance().clear()

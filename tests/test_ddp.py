@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose_config, run_py
+from helpers import ROOT, compose_config, run_py
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv"]
 # 30 digits per class, one epoch of the method (no warm-up) and of the backbone, validation on one batch

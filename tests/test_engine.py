@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 from tnt_lightning.engine import (
     AttentionNeeds,
     Location,

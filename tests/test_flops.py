@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import compose_config, tiny_vit
+from helpers import compose_config, tiny_vit
 from tnt_lightning.measure import count_macs
 from tnt_lightning.measure.analytic import vit_macs
 from tnt_lightning.models import create_model, set_fused_attn

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 from tnt_lightning.engine import apply_reducer, backbone_info
 from tnt_lightning.measure import TimedModel, bench, measure_throughput
 from tnt_lightning.methods import DynamicViT

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA
 from tnt_lightning.tasks import gpu_check
 
 # The tiny backbone: the same code paths as DeiT-S, in seconds.

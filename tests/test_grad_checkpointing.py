@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 from tnt_lightning.engine import TokenReducer, apply_reducer, backbone_info, patch
 from tnt_lightning.engine.reducer import BackboneInfo
 from tnt_lightning.methods import DTPS, TNT, DynamicViT, LearnedReducer, ToMe, TopK

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config, run_py
+from helpers import compose_config, run_py
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.methods import TNT, build_reducer
 from tnt_lightning.models import create_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 from tnt_lightning.engine import apply_reducer
 from tnt_lightning.methods import EViT, ToMe, TopK
 from tnt_lightning.methods.common.keep import (

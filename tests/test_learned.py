@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from timm.layers import Attention
 
-from conftest import compose_config, run_py, tiny_vit
+from helpers import compose_config, run_py, tiny_vit
 from tnt_lightning.engine import AttentionNeeds, ReductionError, Tokens, apply_reducer, backbone_info
 from tnt_lightning.engine import attention as engine_attention
 from tnt_lightning.engine.attention import (

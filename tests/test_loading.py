@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_config
+from helpers import compose_config
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.methods import TNT, build_reducer
 from tnt_lightning.models import (

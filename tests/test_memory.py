@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 # A training step's pattern: 64 blocks of 512 KiB (activations) allocated, written, then all freed;
 # prints the minor page faults of 10 repeats, after the first.

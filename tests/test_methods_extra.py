@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from conftest import compose_config, run_py, tiny_vit
+from helpers import compose_config, run_py, tiny_vit
 from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_py, tiny_vit
+from helpers import run_py, tiny_vit
 from tnt_lightning.engine import apply_reducer, backbone_info
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule

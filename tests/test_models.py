@@ -177,7 +177,7 @@ def test_pretraining_gives_the_same_weights_whatever_the_models_initial_draw(tmp
     """The cached backbone must not depend on the RNG state before training (it did: 87.9 to 88.4%)."""
     from hydra.utils import instantiate
 
-    from conftest import compose_config
+    from helpers import compose_config
     from tnt_lightning.tasks.common import pretrain_fn
 
     cfg = compose_config(["model.pretrain.epochs=1", "+trainer.limit_train_batches=3"], tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT, run_py
+from helpers import ROOT, run_py
 from tnt_lightning.config import Task
 
 

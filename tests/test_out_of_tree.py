@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_py
+from helpers import ROOT, run_py
 from tnt_lightning.measure import bench
 from tnt_lightning.plugins import ENTRY_POINT_GROUP, ENV_VAR, MethodPluginError, import_plugins
 from tnt_lightning.results import read_records
@@ -28,7 +28,7 @@ ENV = {ENV_VAR: str(PACKAGE), "OMP_NUM_THREADS": "1"}
 
 
 def python_m(module: str, args: list[str], cwd, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``python -m module args`` rooted at ``cwd``, as :func:`conftest.run_py` runs run.py."""
+    """``python -m module args`` rooted at ``cwd``, as :func:`helpers.run_py` runs run.py."""
     full_env = {**os.environ, "TNT_ROOT": str(cwd), "WANDB_MODE": "disabled", **env}
     return subprocess.run(
         [sys.executable, "-m", module, *args],

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, run_py
+from helpers import ROOT, run_py
 from tnt_lightning.results import read_records
 
 CHEAP = [

@@ -81,7 +81,7 @@ def test_a_bad_patch_drop_recipe_fails_when_the_model_config_is_read(patch_drop,
 def test_a_pretraining_with_patch_dropout_trains_on_fewer_tokens_and_caches_a_plain_vit(tmp_path):
     from hydra.utils import instantiate
 
-    from conftest import compose_config
+    from helpers import compose_config
     from tnt_lightning.tasks.common import pretrain_fn
 
     cfg = compose_config(

@@ -18,7 +18,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
-from conftest import compose_config
+from helpers import compose_config
 from tnt_lightning.data import resolve_preprocessing
 from tnt_lightning.data.base import loader_workers
 from tnt_lightning.errors import ConfigError

@@ -58,7 +58,7 @@ def test_importing_the_package_pulls_neither_lightning_nor_hydra():
 
 def test_a_configured_model_is_bound_once_on_the_backbone_it_runs_on(tmp_path, monkeypatch):
     """EViT's paper accounting runs on the CLS-only backbone: the method is bound once, to that."""
-    from conftest import compose_config
+    from helpers import compose_config
     from tnt_lightning.engine import TokenReducer
     from tnt_lightning.methods.assembly import pruned_model
 

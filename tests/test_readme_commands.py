@@ -22,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from conftest import CONF, ROOT, compose_config
+from helpers import CONF, ROOT, compose_config
 from tnt_lightning.config import check_added_keys, validate
 from tnt_lightning.engine import backbone_info
 from tnt_lightning.methods import build_reducer

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from conftest import CONF, tiny_vit
+from helpers import CONF, tiny_vit
 from tnt_lightning.engine import ReductionError, backbone_info
 from tnt_lightning.engine.registry import (
     BASELINE,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_py
+from helpers import ROOT, run_py
 from tnt_lightning.results import read_records
 from tnt_lightning.tasks.common import close_logger
 from tnt_lightning.tasks.interrupts import JobInterrupted, outcome
@@ -147,7 +147,7 @@ def test_the_ranks_of_one_ddp_job_train_a_shared_artefact_once_together(tmp_path
     nothing is cached, neither when it is, and the file is written once."""
     from hydra.utils import instantiate
 
-    from conftest import compose_config
+    from helpers import compose_config
     from tnt_lightning.engine import backbone_info
     from tnt_lightning.methods import build_reducer
     from tnt_lightning.models import create_model

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import compose_config
+from helpers import compose_config
 from tnt_lightning.engine import apply_reducer, backbone_info, remove_reducer
 from tnt_lightning.measure import count_macs
 from tnt_lightning.methods import build_reducer

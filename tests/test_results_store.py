@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config
 from tnt_lightning.results import CONFIG_KEY_VERSION, ResultsStore, config_key, read_records
 from tnt_lightning.results.__main__ import doctor
 from tnt_lightning.results.keys import comparable_config

@@ -23,7 +23,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import ROOT, compose_config, run_py
+from helpers import ROOT, compose_config, run_py
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import LastCheckpoint
 from tnt_lightning.models import create_model, pretrained_path

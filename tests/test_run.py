@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_py
+from helpers import run_py
 from tnt_lightning.results import read_records
 
 RECORD_FIELDS = {
@@ -102,7 +102,7 @@ def test_results_lines_are_whole_json(tmp_path):
 
 
 def test_multi_layer_tome_records_the_r_that_ran_not_a_keep_rate(tmp_path):
-    from conftest import compose_config
+    from helpers import compose_config
     from tnt_lightning.tasks import run_task
 
     overrides = [

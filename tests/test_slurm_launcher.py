@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from hydra_plugins.tnt_lightning_slurm import (
     TntSlurmLauncher,
     effective_signal_delay,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_py
+from helpers import run_py
 from tnt_lightning.measure import TimedModel, measure_throughput, same_process_speedup, speedup, unpruned
 from tnt_lightning.results import read_records
 from tnt_lightning.results.keys import config_key

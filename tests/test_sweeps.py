@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, ROOT, run_py
+from helpers import CONF, ROOT, run_py
 from tnt_lightning.paper import load_results
 from tnt_lightning.results import read_records
 from tnt_lightning.tasks.common import wandb_run_fields

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_config, run_py
+from helpers import compose_config, run_py
 from tnt_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.results import read_records
