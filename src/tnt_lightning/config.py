@@ -280,6 +280,7 @@ def validate(cfg: DictConfig) -> None:
     ):
         _positive_int(cfg, key, minimum=0)
     _number(cfg, "data.crop_pct", 0.0, 1.0, low_open=True)
+    _number(cfg, "measure.speedup_bound", 0.0, 10.0, low_open=True)
     mode = OmegaConf.select(cfg, "measure.throughput_mode")
     _check(mode in ("paper", "robust"), "measure.throughput_mode", mode, "one of ['paper', 'robust']")
     dtype = OmegaConf.select(cfg, "measure.dtype")

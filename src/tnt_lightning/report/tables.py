@@ -598,6 +598,13 @@ def _gflops(value: float | None) -> str:
     return format(value, ".3f" if value >= 0.1 else ".3g")
 
 
+def _unreliable(row: Row) -> str:
+    """A mark after a speedup of which some record's timed pairs disagreed or beat the FLOP limit
+    (``measure/reliability.py``)."""
+    bad = sum(r.get("metrics", {}).get("speedup_reliable") is False for r in row.records)
+    return f" (unreliable in {bad} of {row.n})" if bad else ""
+
+
 def _mean_std(stat: Stat | None, spec: str) -> str:
     if stat is None:
         return ""
@@ -651,7 +658,7 @@ def markdown_table(group: Group) -> str:
             _mean_std(row.stats.get("acc5"), ".2f"),
             _gflops(row.mean("gflops")),
             _mean_std(row.stats.get("throughput_img_s"), ".0f"),
-            _mean_std(row.stats.get("speedup"), ".2f"),
+            _mean_std(row.stats.get("speedup"), ".2f") + _unreliable(row),
             _mean_std(row.stats.get("speedup_over_flops_limit"), ".2f"),
             str(row.n),
             paper,

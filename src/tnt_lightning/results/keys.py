@@ -68,6 +68,7 @@ NEUTRAL_DEFAULTS: dict[str, tuple | dict[str, Any]] = {
     "measure.dtype": ("fp32",),
     "measure.compile": (False,),
     "measure.speedup_pairs": (3,),
+    "measure.speedup_bound": (0.1,),
 }
 
 

@@ -212,6 +212,10 @@ def format_summary(record: dict[str, Any]) -> str:
             f"throughput {m['throughput_img_s']:.1f} img/s ({protocol}, batch {tp['batch_size']}, "
             f"{tp['device']}, {tp['threads']} threads)"
         )
+    if m.get("speedup") is not None:
+        sp = record["details"]["speedup"]
+        trust = "" if sp.get("reliable", True) else f", unreliable: {sp['why']}"
+        parts.append(f"speedup {m['speedup']:.2f}x (pairs spread {sp.get('spread', 0):.0%}{trust})")
     if m.get("params_m") is not None:
         parts.append(f"params {m['params_m']:.3f}M")
     split = record["details"].get("time_split")

@@ -25,6 +25,7 @@ from ..measure import (
     same_process_speedup,
     unpruned,
 )
+from ..measure.reliability import judge_speedup
 from ..methods import LearnedReducer
 from ..methods.assembly import attach, reducer_for
 from ..models import BackboneSpec, count_parameters, create_model, load_weights
@@ -131,7 +132,9 @@ def measure_speed(
     if gflops:
         recorder.metrics["gflops_ratio"] = base_gflops / gflops
         recorder.metrics["speedup_over_flops_limit"] = sp["speedup"] / recorder.metrics["gflops_ratio"]
-    recorder.details["speedup"] = {**sp, "base_gflops": base_gflops}
+    trust = judge_speedup(sp["pairs"], recorder.metrics.get("gflops_ratio"), m.speedup_bound)
+    recorder.metrics["speedup_reliable"] = trust["reliable"]
+    recorder.details["speedup"] = {**sp, "base_gflops": base_gflops, **trust, "bound": m.speedup_bound}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
