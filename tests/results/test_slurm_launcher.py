@@ -1,6 +1,6 @@
 """The SLURM launcher without a cluster: submissions, checks, requeue counting, SIGTERM handling.
 
-The same path against a real slurmctld is tests/slurm (``make test-slurm``).
+The same path against a real slurmctld is tests/results/test_slurm_real.py (``make test-slurm``).
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def test_timm_model_takes_its_own_input_size(tmp_path):
     assert list(cfg.model.input_size) == [3, 384, 384] and list(cfg.data.input_size) == [3, 384, 384]
 
 
-OLD_RECORDS = Path(__file__).parent / "data" / "records_before_preprocess.json"
+OLD_RECORDS = Path(__file__).resolve().parents[1] / "fixtures" / "records_before_preprocess.json"
 
 
 def resolved_config(tmp_path, *overrides: str) -> dict:
