@@ -108,7 +108,7 @@ def test_readme_command_composes_validates_and_builds_its_method(line, argv, tmp
     from omegaconf import OmegaConf
 
     if "--help" in argv:
-        pytest.skip("--help is run by test_newcomer.py")
+        pytest.skip("--help is run by tasks/test_task_output.py")
     for overrides in jobs(argv):
         cfg = compose_config(overrides, tmp_path)
         validate(cfg)

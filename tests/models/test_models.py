@@ -1,4 +1,4 @@
-"""Backbones and weights: checkpoint formats, clear errors offline, the train-once cache."""
+"""Backbones and weights: checkpoint formats, clear errors offline, the train-once cache and its key."""
 
 from __future__ import annotations
 
@@ -189,3 +189,62 @@ def test_pretraining_gives_the_same_weights_whatever_the_models_initial_draw(tmp
         pretrain_fn(cfg)(model, spec)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_offline_hub_error_names_both_ways_to_run_without_weights(compose_cfg, monkeypatch):
+    import pytest
+    from hydra.utils import instantiate
+
+    from tnt_lightning.models import backbones, create_model
+    from tnt_lightning.models.backbones import WeightsUnavailableError, load_hub_weights
+
+    monkeypatch.setattr(backbones, "_hub_cached", lambda name: False)
+    monkeypatch.setattr(backbones, "_reachable", lambda *a: False)
+    spec = instantiate(compose_cfg("model=deit_tiny_distilled").model)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_hub_weights(create_model(spec), spec)
+    assert "data=synthetic" in str(info.value) and "model.weights=random" in str(info.value)
+
+
+def _scratch_key(compose_cfg, *overrides: str) -> str:
+    from hydra.utils import instantiate
+
+    from tnt_lightning.models.provider import pretrain_key
+
+    cfg = compose_cfg(
+        "model=vit_scratch", "model.num_classes=3", "data=imagefolder", "data.root=/d", *overrides
+    )
+    return pretrain_key(instantiate(cfg.model))
+
+
+def test_scratch_backbone_follows_the_data_and_its_key_only_what_sets_the_weights(compose_cfg):
+    cfg = compose_cfg(
+        "model=vit_scratch",
+        "model.num_classes=3",
+        "data=imagefolder",
+        "data.root=/d",
+        "data.image_size=48",
+        "data.channels=1",
+    )
+    assert list(cfg.model.input_size) == [1, 48, 48] and cfg.model.pretrain.data.root == "/d"
+    assert list(compose_cfg("model=vit_scratch", "model.num_classes=10").model.input_size) == [1, 28, 28]
+    base = _scratch_key(compose_cfg)
+    for harmless in ("data.num_workers=1", "data.eval_batch_size=7", "data.root=/e"):
+        assert _scratch_key(compose_cfg, harmless) == base, harmless
+    relevant_overrides = (
+        "data.augment=light",
+        "data.image_size=32",
+        "data.batch_size=32",
+        "data.on_bad_image=skip",
+    )
+    for relevant in relevant_overrides:
+        assert _scratch_key(compose_cfg, relevant) != base, relevant
+
+
+def test_vit_mnist_key_is_unchanged(compose_cfg):
+    """The MNIST backbone's cache (and the README's numbers) survive the data-aware key."""
+    from hydra.utils import instantiate
+
+    from tnt_lightning.models.provider import pretrain_key
+
+    assert pretrain_key(instantiate(compose_cfg().model)) == "9ff979e15012"

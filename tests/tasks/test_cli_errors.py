@@ -64,13 +64,19 @@ BAD_INPUTS = [
     (["method=tome", "keep_rate=0.3"], "Use keep_rate >= 0.5"),
     (["method=tome", "schedule=multi"], "set e.g. method.r=8"),
 ]
+
+
 # Refused only where there is no GPU to give (test_gpu_settings_are_accepted_on_a_gpu_machine).
 GPU_SETTINGS = [
     (["trainer.accelerator=gpu"], "trainer.accelerator='gpu'"),
     (["measure.device=cuda"], "measure.device='cuda'"),
 ]
+
+
 if not HAS_CUDA:
     BAD_INPUTS += GPU_SETTINGS
+
+
 # Errors found when the run opens its files, before any weights load, any training or any data is
 # read: recorded as a failed run of that configuration.
 FAILS_AT_BUILD = [
@@ -82,6 +88,8 @@ FAILS_AT_BUILD = [
 
 
 CASES = [(*case, False) for case in BAD_INPUTS] + [(*case, True) for case in FAILS_AT_BUILD]
+
+
 THROUGH_RUN_PY = [
     (["keep_rate=1.5"], "keep_rate=1.5", False),
     (["+keep_rat=0.3"], "did you mean keep_rate", False),
@@ -132,3 +140,10 @@ def test_gpu_settings_are_accepted_on_a_gpu_machine(overrides, tmp_path):
     check_added_keys(overrides, cfg, str(CONF))
     validate(cfg)
     check_environment(cfg)  # where a machine without CUDA refuses them (BAD_INPUTS)
+
+
+def test_pretraining_vit_mnist_on_other_data_is_refused(tmp_path):
+    proc = run_py(["task=pretrain", "data=imagefolder", f"data.root={tmp_path}"], tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "model=vit_mnist is pretrained on its own data (MNISTDataModule" in proc.stderr + proc.stdout
+    assert not (tmp_path / "cache").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from helpers import ROOT, compose_config, run_py
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv"]
+
+
 # 30 digits per class, one epoch of the method (no warm-up) and of the backbone, validation on one batch
 SMALL = [
     "data.train_overrides.epochs=1",
@@ -28,6 +31,8 @@ SMALL = [
     "model.pretrain.epochs=1",
     "+model.pretrain.data.train_per_class=20",
 ]
+
+
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -128,3 +133,48 @@ def test_killing_rank_0_at_its_decision_stops_every_rank_naming_the_cause(tmp_pa
     assert took < 60, f"rank 1 ran {took:.0f} s after rank 0 was killed"
     assert f"rank 1: rank 0 (pid {rank0.pid}" in stderr and "exited" in stderr, stderr[-3000:]
     print(f"rank 1 exited {took:.1f} s after rank 0 was killed, status {status}: {stderr.strip()[-300:]}")
+
+
+def _rank(rank: int, setup, queue) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from tnt_lightning.models.trained import Trained, ensure_trained
+
+    cfg, spec, reducer = setup
+    rank_zero_only.rank = rank
+    fits = []
+    state = {n: p.detach() for n, p in reducer.trainable_parameters()}
+    train = lambda workdir: fits.append(rank) or Trained(state, None, {"val_acc1": 1.0, "val_acc1_full": 2.0})  # noqa: E731
+    path, trained = ensure_trained(cfg, spec, reducer, train)
+    queue.put((rank, trained, len(fits)))
+
+
+def test_the_ranks_of_one_ddp_job_train_a_shared_artefact_once_together(tmp_path, monkeypatch):
+    """Rank 0 takes the artefact's lock and decides; rank 1 follows: both train (one DDP run) when
+    nothing is cached, neither when it is, and the file is written once."""
+    from hydra.utils import instantiate
+
+    from helpers import compose_config
+    from tnt_lightning.engine import backbone_info
+    from tnt_lightning.methods import build_reducer
+    from tnt_lightning.models import create_model
+
+    cfg = compose_config(["method=tnt"], tmp_path)
+    spec = instantiate(cfg.model)
+    reducer, _ = build_reducer(
+        cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning, backbone_info(create_model(spec))
+    )
+    reducer.bind(backbone_info(create_model(spec)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TNT_JOB_TOKEN", "job-a")
+    ctx = multiprocessing.get_context("fork")
+    for expected in ((True, 1), (False, 0)):  # first nothing cached, then the artefact is
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_rank, args=(r, (cfg, spec, reducer), queue)) for r in (1, 0)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert sorted(queue.get(timeout=5) for _ in procs) == [(0, *expected), (1, *expected)]
+    workdir = next(p for p in (tmp_path / "cache" / "methods").glob("tnt-*") if p.is_dir())
+    assert (workdir / "trained.pth").is_file() and not list(workdir.glob(".decision-*"))

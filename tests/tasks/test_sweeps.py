@@ -1,19 +1,23 @@
 """Sweeps (``sweeps/``, ``+sweep=<name>``): they hold the paper's settings, resume without redoing
-recorded jobs, record failures without stopping, and launch through submitit and SLURM."""
+recorded jobs, record failures without stopping, and launch through submitit and SLURM; a SIGTERM
+ends a sweep with 143, two sweeps on one root run each experiment once; the demo's sweep has no job
+known to fail."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from helpers import CONF, ROOT, run_py
+from helpers import CONF, COST_ONLY, ROOT, run_py
 from tnt_lightning.paper import load_results
 from tnt_lightning.results import read_records
 from tnt_lightning.tasks.common import wandb_run_fields
@@ -132,7 +136,7 @@ def test_a_sweep_resumes_and_records_failures_without_stopping(tmp_path):
     records = read_records(tmp_path / "results")
     status = {(r["method"], r["keep_rate"]): r["status"] for r in records}
     # ToMe keeps at least half the tokens in one layer: a config error, found before its run
-    # starts, so it leaves no record (a failure during a run is recorded: test_run.py)
+    # starts, so it leaves no record (a failure during a run is recorded: tests/test_run.py)
     assert status == {("random", 0.7): "ok", ("random", 0.3): "ok", ("tome", 0.7): "ok"}
     assert "merges at most half" in first.stderr
 
@@ -319,3 +323,69 @@ def test_skipped_records_of_another_commit_are_said_in_one_line():
     assert line.startswith("1 skipped job(s) were recorded by another commit (bbbbbbbbbbbb;")
     assert "skip_recorded=false" in line
     assert other_commit_line(outcomes[1:], current=now) is None
+
+
+def test_demo_sweep_has_no_job_known_to_fail_and_make_demo_ignores_no_failure():
+    sweep = (ROOT / "sweeps" / "mnist_all.yaml").read_text()
+    (methods,) = re.findall(r"method: (.*)", sweep)
+    (rates,) = re.findall(r"keep_rate: (.*)", sweep)
+    # single-layer ToMe merges at most half the tokens: K <= 0.5 fails by design on 49 patches
+    assert "tome" not in methods.split(",") or min(float(k) for k in rates.split(",")) > 0.5
+    demo = ROOT.joinpath("Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert not re.search(r"^\t-", demo, re.M), "a `-` recipe line hides a failing demo step"
+
+
+def _popen(args: list[str], root) -> subprocess.Popen:
+    env = {**os.environ, "TNT_ROOT": str(root), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 240) -> str:
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+def test_sigterm_ends_the_sweep_with_status_143_and_an_interrupted_record(tmp_path):
+    """A scheduler's SIGTERM mid-training: the job is recorded as interrupted (not failed, not ok),
+    its claim is released, the jobs after it do not start, and the process does not exit 0."""
+    proc = _popen(["-m", "seed=0,1", "logger=csv"], tmp_path)
+    _wait_for(proc, "training backbone vit_mnist once")
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, rest[-3000:]
+    (record,) = read_records(tmp_path / "results", history=True)  # the second job never started
+    assert record["status"] == "interrupted" and record["error"]["message"] == "stopped by SIGTERM"
+    assert record["seed"] == 0 and not list((tmp_path / "results" / "claims").glob("*.json"))
+
+
+def test_two_sweeps_on_one_root_run_each_experiment_once(tmp_path):
+    first = _popen(["-m", "method=random,topk,evit", "keep_rate=0.5,0.7", *COST_ONLY], tmp_path)
+    second = _popen(["-m", "method=evit,topk,zerotp", "keep_rate=0.7,0.5", *COST_ONLY], tmp_path)
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outputs
+    history = read_records(tmp_path / "results", history=True)
+    ran = sorted((r["method"], r["keep_rate"]) for r in history)
+    assert ran == sorted({(m, k) for m in ("random", "topk", "evit", "zerotp") for k in (0.5, 0.7)})
+    said = [line for o in outputs for line in o.splitlines()]  # run_task's own line per job
+    shared = sum(line.startswith(("eval: already recorded", "eval: running already")) for line in said)
+    assert shared == 4  # topk and evit at both rates: done by one sweep, skipped by the other
+
+    again = run_py(["-m", "method=random,topk", "keep_rate=0.5", *COST_ONLY], tmp_path, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("eval: already recorded") == 2
+    assert len(read_records(tmp_path / "results", history=True)) == len(history)

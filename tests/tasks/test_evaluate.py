@@ -1,0 +1,18 @@
+"""The evaluation task refuses what it could only do other than asked."""
+
+from __future__ import annotations
+
+
+def test_an_evaluation_does_not_train_a_learned_method_on_random_weights(compose_cfg):
+    import pytest
+    from hydra.utils import instantiate
+
+    from tnt_lightning.errors import UserError
+    from tnt_lightning.tasks.evaluate import build_pruned_model
+    from tnt_lightning.tasks.records import RunRecorder
+
+    cfg = compose_cfg("method=tnt", "keep_rate=0.5", "model.weights=random")
+    spec = instantiate(cfg.model)
+    expected = r"method=tnt would first be trained, \d+ epochs.*random weights.*task=train"
+    with pytest.raises(UserError, match=expected):
+        build_pruned_model(cfg, spec, True, [], RunRecorder(cfg, keep_rate=0.5))
