@@ -37,7 +37,7 @@ test: ## Fast tests (slow ones excluded; a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-resume: ## The SIGKILL-and-resume tests of training and pretraining (slow: real runs killed mid-way)
-	$(PYTHON) -m pytest -m slow tests/test_resume.py $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m slow tests/tasks/test_resume.py $(PYTEST_ARGS)
 
 test-full: ## All tests, slow ones included (not the real-SLURM one: make test-slurm)
 	$(PYTHON) -m pytest -m "not slurm" $(PYTEST_ARGS)
@@ -154,12 +154,12 @@ slurm-status: ## Progress of the latest SLURM sweep: records by status, jobs by 
 	$(PYTHON) -m tnt_lightning.results.watch $(WATCH_ARGS)
 
 # A real single-node SLURM on this machine (root, Debian: installs slurm-wlm, munge, MariaDB),
-# then tests/slurm against it; scripts/slurm_local.sh stop ends the daemons it started.
+# then tests/results/test_slurm_real.py against it; scripts/slurm_local.sh stop ends the daemons it started.
 SLURM_KEEP ?=
 test-slurm: ## Test the SLURM path against a real local slurmctld (root; apt; ~9 min; SLURM_KEEP=1 leaves it up)
 	@if [ "$$(id -u)" != 0 ]; then echo "test-slurm: skipped: it needs root (it installs and starts SLURM)"; exit 0; fi; \
 	bash scripts/slurm_local.sh start || exit 1; \
-	$(PYTHON) -m pytest -m slurm tests/slurm $(PYTEST_ARGS); rc=$$?; \
+	$(PYTHON) -m pytest -m slurm tests/results/test_slurm_real.py $(PYTEST_ARGS); rc=$$?; \
 	$(if $(SLURM_KEEP),,bash scripts/slurm_local.sh stop;) exit $$rc
 
 REPORT_ARGS ?=
