@@ -31,7 +31,7 @@ class Report:
     markdown: Path
     groups: list[Group]
     failed: list[dict[str, Any]]
-    files: dict[str, dict[str, Path]]  # group slug -> {"csv"|"acc_vs_gflops"|"acc_vs_throughput": path}
+    files: dict[str, dict[str, Path]]  # group slug -> {"csv"|"acc_vs_gflops"|"acc_vs_speedup": path}
 
 
 def build_report(
@@ -57,7 +57,7 @@ def build_report(
     files: dict[str, dict[str, Path]] = {}
     for group in groups:
         written = {"csv": write_csv(group, out / f"{group.slug}.csv")}
-        for name, metric in (("acc_vs_gflops", "gflops"), ("acc_vs_throughput", "throughput_img_s")):
+        for name, metric in (("acc_vs_gflops", "gflops"), ("acc_vs_speedup", "speedup")):
             path = plot_group(group, metric, out / f"{group.slug}_{name}.png", paper_overlay)
             if path is not None:
                 written[name] = path

@@ -1,5 +1,7 @@
-"""Top-1 accuracy against GFLOPs and against throughput, one line per method and pruning location
-(the paper's Figures 4, 5): a method's runs at two locations or other settings are two lines.
+"""Top-1 accuracy against GFLOPs and against the same-process speedup over the unpruned model, one
+line per method and pruning location (the paper's Figures 4, 5, with speed as a ratio measured in
+one process rather than img/s, which mixes the machine's load into the comparison): a method's runs
+at two locations or other settings are two lines.
 
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed. The Pareto front
 (no point more accurate at lower or equal cost) is ringed and joined by a dashed line; the paper's
@@ -18,7 +20,7 @@ from .tables import PAPER_DATA, Group, Row, method_order, paper_points
 
 AXES = {
     "gflops": ("GFLOPs", "gflops", "pareto_gflops"),
-    "throughput_img_s": ("Throughput (img/s)", "throughput_img_s", "pareto_throughput"),
+    "speedup": ("Speedup over the unpruned model, same process (x)", "speedup", "pareto_speedup"),
 }
 
 
@@ -62,13 +64,14 @@ def plot_group(group: Group, metric: str, path: Path, paper_overlay: bool = True
         xs = [r.mean(metric) for r in points]
         ys = [r.mean("acc1") for r in points]
         errs = [r.stats["acc1"].std or 0.0 for r in points]
+        xerrs = [r.stats[metric].std or 0.0 for r in points]  # a speedup's spread over seeds
         if method == "none":
             ax.errorbar(xs, ys, yerr=errs, color="black", marker="*", markersize=12, ls="", label=legend)
         else:
             # a method's lines share its colour; its locations differ by marker and dash
             nth = sum(1 for m, _, _ in lines[:n] if m == method)
             style = dict(marker=markers[nth % len(markers)], ls=("-", "--", "-.", ":")[nth % 4])
-            ax.errorbar(xs, ys, yerr=errs, color=_color(method), capsize=3, label=legend, **style)
+            ax.errorbar(xs, ys, yerr=errs, xerr=xerrs, color=_color(method), capsize=3, label=legend, **style)
     front = sorted((r for r in rows if getattr(r, front_attr)), key=lambda r: r.mean(metric))
     if front:
         fx, fy = [r.mean(metric) for r in front], [r.mean("acc1") for r in front]
@@ -87,12 +90,25 @@ def plot_group(group: Group, metric: str, path: Path, paper_overlay: bool = True
 
 
 def _overlay_paper(ax, group: Group, methods: list[str], key: str) -> None:
-    cells = [
-        c for c in paper_points(group.model, group.schedule, methods) if c.row[key] and c.row["acc_top1"]
-    ]
-    suffix = " (paper, its GPU)" if key == "throughput_img_s" else " (paper)"
+    """The paper's points; its speedups are its throughputs over its unpruned model's (its GPU)."""
+    cells = paper_points(group.model, group.schedule, methods)
+    if key == "speedup":
+        base = [
+            float(c.row["throughput_img_s"])
+            for c in cells
+            if c.method == "none" and c.row["throughput_img_s"]
+        ]
+        if not base:
+            return
+        value = {
+            id(c): float(c.row["throughput_img_s"]) / base[0] for c in cells if c.row["throughput_img_s"]
+        }
+    else:
+        value = {id(c): float(c.row[key]) for c in cells if c.row[key]}
+    cells = [c for c in cells if id(c) in value and c.row["acc_top1"]]
+    suffix = " (paper, its GPU)" if key == "speedup" else " (paper)"
     for method in sorted({c.method for c in cells}, key=method_order):
-        points = sorted((float(c.row[key]), float(c.row["acc_top1"])) for c in cells if c.method == method)
+        points = sorted((value[id(c)], float(c.row["acc_top1"])) for c in cells if c.method == method)
         xs, ys = zip(*points, strict=True)
         if method == "none":
             ax.plot(

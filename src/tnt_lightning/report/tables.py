@@ -311,6 +311,7 @@ class Row:
     paper_note: str = ""
     pareto_gflops: bool = False
     pareto_throughput: bool = False
+    pareto_speedup: bool = False
     variant: str = ""  # config keys that tell apart rows with the same method and setting
     line: str = ""  # what tells apart a method's plot lines (its location, options), "" for one line
     weights: str = ""  # "random" or "local file ..." when the backbone was not the named model's
@@ -371,6 +372,7 @@ def _mark_pareto(rows: Sequence[Row]) -> None:
     for metric, attr, sign in (
         ("gflops", "pareto_gflops", 1.0),
         ("throughput_img_s", "pareto_throughput", -1.0),
+        ("speedup", "pareto_speedup", -1.0),
     ):
         ranked = [r for r in rows if r.mean(metric) is not None and r.mean("acc1") is not None]
         flags = pareto_front([(sign * r.mean(metric), r.mean("acc1")) for r in ranked])
@@ -535,6 +537,7 @@ CSV_COLUMNS = (
     "paper_note",
     "pareto_gflops",
     "pareto_throughput",
+    "pareto_speedup",
     "variant",
     "run_ids",
 )
@@ -566,6 +569,7 @@ def csv_rows(group: Group) -> list[dict[str, Any]]:
             "paper_note": row.paper_note or None,
             "pareto_gflops": row.pareto_gflops,
             "pareto_throughput": row.pareto_throughput,
+            "pareto_speedup": row.pareto_speedup,
             "variant": row.variant or None,
             "run_ids": " ".join(str(r.get("run_id")) for r in row.records),
         }
