@@ -236,3 +236,11 @@ def test_a_moved_folder_is_the_same_experiment_and_a_subset_is_not(tmp_path):
     records = read_records(work / "results")
     assert [r["details"]["images_evaluated"] for r in records] == [6, 5]
     assert [r["config"]["data"]["root"] for r in records] == [str(base), str(subset)]
+
+
+def test_the_table_is_printed_for_people(capsys):
+    from tnt_lightning.results.__main__ import main
+
+    assert main(["identity"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| `{fact}` |" in printed for fact in OUTCOME_TABLE)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .identity import outcome_table
 from .store import CLAIM_LOST, RESULTS_FILE, ResultsStore, holder_alive_here
 from .tempfiles import process_state, stale_temps, write_atomic
 
@@ -186,6 +187,9 @@ def main(argv: list[str]) -> int:
         metavar="KEY",
         help="remove the claim of this config key (or claim file) although its job lives (a stopped job)",
     )
+    sub.add_parser(
+        "identity", help="print what decides an experiment, a backbone's weights, a trained method"
+    )
     timing = sub.add_parser("bench", help="time the store's operations at several history sizes")
     timing.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     timing.add_argument("--ops", type=int, default=50)
@@ -193,6 +197,9 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(BrokenPipeError):
         if args.command == "doctor":
             return doctor(args.results_dir, args.repair, args.release, args.cache_dir)
+        if args.command == "identity":
+            print(outcome_table())
+            return 0
         return bench(args.sizes, args.ops)
     return 0
 

@@ -78,7 +78,7 @@ OUTCOME_TABLE: dict[str, Decides] = {
     "seed": Decides(True, False, True, "random draws of methods and training; pretraining has its own"),
     "method.version": Decides(True, False, True, "a change of a method's code that changes its results"),
     "world size (training)": Decides(
-        True, True, True, "the number of training processes scales the effective batch"
+        True, True, True, "the number of training processes scales the effective batch (training tasks only)"
     ),
     "method._target_": Decides(False, False, False, "the Python path of the method: method.name names it"),
 }
@@ -87,6 +87,24 @@ OUTCOME_TABLE: dict[str, Decides] = {
 DATA_KEYS: dict[str, Decides] = {
     k.removeprefix("data."): v for k, v in OUTCOME_TABLE.items() if k.startswith("data.") and " " not in k
 }
+
+
+def outcome_table() -> str:
+    """:data:`OUTCOME_TABLE` as Markdown (``python -m tnt_lightning.results identity``)."""
+    mark = {True: "yes", False: "-"}
+    lines = [
+        "| fact | experiment key | backbone weights | trained method | why |",
+        "|---|---|---|---|---|",
+    ]
+    for fact, d in OUTCOME_TABLE.items():
+        lines.append(f"| `{fact}` | {mark[d.experiment]} | {mark[d.weights]} | {mark[d.trained]} | {d.why} |")
+    lines += [
+        "\nAny other data key decides all three; outside data, results/keys.py says what the experiment key",
+        "leaves out (paths, loggers, launchers, ...). A backbone pretrained by the framework passes what",
+        "decides its weights on to the experiments and trained methods that use it.",
+    ]
+    return "\n".join(lines)
+
 
 PREPROCESS_KEYS = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
 # DeiT's evaluation recipe (its official code: bicubic resize to 256, centre crop 224, ImageNet
