@@ -177,7 +177,7 @@ class MaskedAttention(torch.autograd.Function):
     64, 2 CPU threads, each in a process of its own) took 1.14 s with autograd through the masked
     softmax, 1.02 s with :class:`PolicySoftmax` and 0.81 s with this (the whole batch as one chunk:
     1.03 s); ``scripts/time_masked_training.py`` times them in one process. The gradients equal
-    autograd's of the unfused path (``tests/test_learned.py``).
+    autograd's of the unfused path (``tests/methods/test_learned.py``).
     """
 
     @staticmethod

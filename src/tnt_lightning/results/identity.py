@@ -9,7 +9,7 @@
 
 :data:`OUTCOME_TABLE` says, fact by fact, which of the three it decides and why; the three read
 the data config through :func:`data_identity`, which applies the data rows of that table, and
-``tests/test_identity.py`` varies each fact and checks that exactly the identities the table names
+``tests/results/test_identity.py`` varies each fact and checks that exactly the identities the table names
 change. A folder dataset counts by its content (:mod:`tnt_lightning.results.content`: image count and
 file-list fingerprint per split), never by its location: a moved ImageNet is the same data, a
 subset of it is not.
