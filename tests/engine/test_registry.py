@@ -29,6 +29,7 @@ SWEEP_EXCEPTIONS = {
         "patchmerger": "Haurum's learned merging methods joined after the demo grid was set",
         "sinkhorn": "Haurum's learned merging methods joined after the demo grid was set",
         "sit": "Haurum's learned merging methods joined after the demo grid was set",
+        "ppt": "PPT, as single-layer ToMe, removes at most half of the tokens per block: K = 0.3 is refused",
     },
     "cmnist_study": {
         BASELINE: "the unpruned baseline runs first, outside the grid (make study)",
@@ -37,6 +38,7 @@ SWEEP_EXCEPTIONS = {
             m: "the study covers the TNT paper's methods; Haurum et al.'s baselines are not in it"
             for m in ("spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit")
         },
+        "ppt": "the study covers the TNT paper's methods; the methods added since 2024 are not in it",
     },
 }
 

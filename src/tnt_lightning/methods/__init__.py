@@ -1,10 +1,15 @@
 """Token-reduction methods, each a small module the engine plugs into a timm ViT.
 
-``build_reducer`` turns the ``method``/``schedule``/``keep_rate`` config into a method instance.
+Every module of this folder is imported here (its ``@register_method`` classes register, and are
+named here: ``tnt_lightning.methods.TopK``), so a new method is one module in this folder plus its
+``conf/method/<name>.yaml``, nothing else. ``build_reducer`` turns the ``method``/``schedule``/
+``keep_rate`` config into a method instance.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from hydra.utils import get_class
@@ -12,23 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine import BackboneInfo, ReductionError, TokenReducer
 from ..models.backbones import PruningDefaults
-from .ats import ATS
 from .common.learned import LearnedReducer
 from .common.staged import StagedReducer
-from .dpcknn import DPCKNN
-from .dynamicvit import DTPS, DynamicViT
-from .evit import EViT
-from .kmedoids import KMedoids
-from .patchmerger import PatchMerger
-from .random_drop import RandomDrop
-from .sinkhorn import Sinkhorn
-from .sit import SiT
-from .spatial import SpatialHeuristic
-from .tnt import TNT
-from .tome import ToMe
-from .topk import TopK
-from .tps import ETPS
-from .zerotp import ZeroTP
 
 # Keys of a method config that are not constructor options: its schedule defaults, and for learned
 # methods where trained parameters come from and how they are trained.
@@ -42,28 +32,8 @@ NON_OPTION_KEYS = (
     "trust_pickle",
     "train",
 )
-
-__all__ = [
-    "ATS",
-    "DPCKNN",
-    "DTPS",
-    "ETPS",
-    "EViT",
-    "DynamicViT",
-    "KMedoids",
-    "LearnedReducer",
-    "PatchMerger",
-    "RandomDrop",
-    "SiT",
-    "Sinkhorn",
-    "SpatialHeuristic",
-    "StagedReducer",
-    "TNT",
-    "ToMe",
-    "TopK",
-    "ZeroTP",
-    "build_reducer",
-]
+# The modules of this folder that hold no method: what methods share, the assembly path, the CLI.
+NOT_METHODS = ("common", "assembly", "__main__")
 
 
 def resolve_blocks(
@@ -136,3 +106,27 @@ def build_reducer(
     if hasattr(reducer, "resolved_schedule"):  # a method that runs other blocks than the schedule names
         record.update(reducer.resolved_schedule())
     return reducer, record
+
+
+def _import_methods() -> dict[str, type[TokenReducer]]:
+    """Import every method module of this folder; its method classes, by class name."""
+    found: dict[str, type[TokenReducer]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in NOT_METHODS:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found.update(
+            {
+                name: obj
+                for name, obj in vars(module).items()
+                if isinstance(obj, type)
+                and issubclass(obj, TokenReducer)
+                and obj.__module__ == module.__name__
+            }
+        )
+    return found
+
+
+METHOD_CLASSES = _import_methods()
+globals().update(METHOD_CLASSES)
+__all__ = ["LearnedReducer", "NON_OPTION_KEYS", "StagedReducer", "build_reducer", *sorted(METHOD_CLASSES)]
