@@ -1,0 +1,249 @@
+"""mkdocs hooks of the documentation site (``mkdocs.yml`` names this file; ``make docs`` runs them).
+
+What they do during every build, so that the generated parts cannot fall behind the code:
+
+* ``<!-- generated: method-table -->`` in a page becomes the method registry's table
+  (:func:`tnt_lightning.engine.registry.method_table`), each method linked to its page;
+* ``<!-- generated: config-groups -->`` becomes one section per config group of ``conf/``: every
+  option file, its header comment, and a table of its keys with their defaults and comments;
+* ``<!-- generated: identity-table -->`` becomes ``results/identity.py``'s ``OUTCOME_TABLE``;
+* the build fails when a registered method has no page ``docs/methods/<name>.md``, or when an entry of
+  ``docs/methods_md_map.json`` / ``docs/methods_extra_map.json`` names a page or heading anchor
+  that the site does not have.
+
+A "METHODS.md x.y" or "METHODS_EXTRA.md x" pointer left in a config comment is shown as a link to
+the page that replaces that section (through the same two maps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.exceptions import PluginError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(ROOT / "src"))
+
+MAPS = {"METHODS.md": DOCS / "methods_md_map.json", "METHODS_EXTRA.md": DOCS / "methods_extra_map.json"}
+# Groups shown as a list of files with their header comment only (their files set many groups at once).
+HEADER_ONLY = {"sweep", "experiment", "hydra"}
+# Display order of the groups; any group not named here follows, alphabetically.
+GROUP_ORDER = ["model", "method", "schedule", "data", "trainer", "logger", "measure", "visualize",
+               "paths", "hydra/launcher", "hydra", "experiment", "sweep"]
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<rest>.*)$")
+
+
+def _maps() -> dict[str, dict[str, str]]:
+    return {name: json.loads(path.read_text()) for name, path in MAPS.items() if path.exists()}
+
+
+# --------------------------------------------------------------------------------- config groups
+def _split_comment(rest: str) -> tuple[str, str]:
+    """``value  # comment`` -> (value, comment); a ``#`` inside quotes is part of the value."""
+    quote = None
+    for i, ch in enumerate(rest):
+        if ch in "'\"":
+            quote = None if quote == ch else (quote or ch)
+        elif ch == "#" and quote is None and (i == 0 or rest[i - 1] in " \t"):
+            return rest[:i].strip(), rest[i + 1 :].strip()
+    return rest.strip(), ""
+
+
+def parse_yaml_options(path: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """(header comment, [(dotted key, default, comment)]) of one config file, read line by line."""
+    lines = path.read_text().splitlines()
+    header: list[str] = []
+    i = 0
+    while i < len(lines) and (lines[i].startswith("#") or not lines[i].strip()):
+        text = lines[i].lstrip("#").strip()
+        if text and not text.startswith("@package"):
+            header.append(text)
+        i += 1
+    rows: list[tuple[str, str, str]] = []
+    stack: list[tuple[int, str]] = []
+    pending: list[str] = []
+    in_defaults = False
+    for line in lines[i:]:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        m = KEY_LINE.match(line)
+        if not m:  # list items and continued values
+            pending = []
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([k for _, k in stack] + [m["key"]])
+        value, comment = _split_comment(m["rest"])
+        if indent == 0:
+            in_defaults = m["key"] == "defaults"
+        if in_defaults:
+            pending = []
+            continue
+        if value in ("", "|", ">"):
+            stack.append((indent, m["key"]))
+            if value == "":
+                if comment or pending:
+                    rows.append((key, "", " ".join(pending + ([comment] if comment else []))))
+                pending = []
+                continue
+        rows.append((key, value, " ".join(pending + ([comment] if comment else []))))
+        pending = []
+    return " ".join(header), rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _link_pointers(text: str, page_depth: int) -> str:
+    """Turn "METHODS.md 0.4" / "METHODS_EXTRA.md 7" into links to the page that replaces them."""
+    maps = _maps()
+    prefix = "../" * page_depth
+
+    def repl(m: re.Match) -> str:
+        target = maps.get(m["doc"], {}).get(m["sec"])
+        if not target:
+            return m[0]
+        page, _, anchor = target.partition("#")
+        label = Path(page).stem.replace("-", " ") + (f": {anchor.replace('-', ' ')}" if anchor else "")
+        return f"[{label}]({prefix}{target})"
+
+    return re.sub(r"(?:docs/)?(?P<doc>METHODS(?:_EXTRA)?\.md),? (?:section )?(?P<sec>\d+(?:\.\d+)?)", repl, text)
+
+
+def _group_dirs() -> list[str]:
+    groups = []
+    for folder, _, names in sorted(os.walk(CONF, followlinks=True)):  # conf/sweep links to sweeps/
+        rel = Path(folder).relative_to(CONF).as_posix()
+        if rel != "." and any(n.endswith(".yaml") for n in names) and rel not in groups:
+            groups.append(rel)
+    known = [g for g in GROUP_ORDER if g in groups]
+    return known + sorted(g for g in groups if g not in known)
+
+
+def config_groups_markdown(page_depth: int) -> str:
+    out: list[str] = []
+    top_header, top_rows = parse_yaml_options(CONF / "config.yaml")
+    out += ["## Top-level keys {#top-level-keys}", "", f"`conf/config.yaml`: {_cell(top_header)}", "",
+            "| key | default | what |", "|---|---|---|"]
+    out += [f"| `{k}` | `{_cell(v)}` | {_cell(c)} |" for k, v, c in top_rows]
+    out.append("")
+    for group in _group_dirs():
+        files = sorted((CONF / group).glob("*.yaml"))
+        anchor = group.replace("/", "-")
+        out += [f"## `{group}` {{#group-{anchor}}}", "",
+                f"Options: {', '.join(f'`{f.stem}`' for f in files)}. "
+                f"Pick one with `{group}=<option>`; set a key with `{group.split('/')[0]}.<key>=<value>`"
+                if group not in HEADER_ONLY and "/" not in group
+                else f"Options: {', '.join(f'`{f.stem}`' for f in files)}.", ""]
+        for f in files:
+            header, rows = parse_yaml_options(f)
+            rel = f.relative_to(ROOT).as_posix() if not f.is_symlink() else f"conf/{group}/{f.name}"
+            out += [f"### `{group}={f.stem}` {{#{anchor}-{f.stem.replace('_', '-')}}}", "",
+                    f"`{rel}`" + (f": {_cell(header)}" if header else ""), ""]
+            if group in HEADER_ONLY or not rows:
+                continue
+            out += ["| key | default | what |", "|---|---|---|"]
+            out += [f"| `{k}` | `{_cell(v)}` | {_cell(c)} |" if v else f"| `{k}` | | {_cell(c)} |"
+                    for k, v, c in rows]
+            out.append("")
+    return _link_pointers("\n".join(out), page_depth)
+
+
+# --------------------------------------------------------------------------------- registry tables
+def method_table_markdown() -> str:
+    from tnt_lightning.engine.registry import TABLE_COLUMNS, method_table
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in method_table():
+        cells = [f"[`{row['method']}`]({row['method']}.md)"] + [_cell(row[c]) for c in TABLE_COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def identity_table_markdown() -> str:
+    from tnt_lightning.results.identity import OUTCOME_TABLE
+
+    yes = {True: "yes", False: "-"}
+    lines = ["| fact | experiment key | backbone weights | trained method | why |", "|---|---|---|---|---|"]
+    for fact, d in OUTCOME_TABLE.items():
+        lines.append(f"| `{fact}` | {yes[d.experiment]} | {yes[d.weights]} | {yes[d.trained]} | {_cell(d.why)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- mkdocs events
+_anchors: dict[str, set[str]] = {}
+# Pages other work adds: in the nav (after the page named) once the file exists; until then a link
+# to one is shown as its text and path.
+OPTIONAL_PAGES = {"speed.md": ("Speed", "measuring.md")}
+
+
+def on_config(config):
+    for page, (title, after) in OPTIONAL_PAGES.items():
+        if (DOCS / page).exists() and not any(page in str(item) for item in config.nav):
+            at = next((i for i, item in enumerate(config.nav) if after in str(item)), len(config.nav) - 1)
+            config.nav.insert(at + 1, {title: page})
+    return config
+
+
+def on_files(files, config):
+    from tnt_lightning.engine.registry import method_names
+
+    pages = {f.src_uri for f in files.documentation_pages()}
+    missing = [m for m in method_names() if f"methods/{m}.md" not in pages]
+    if missing:
+        raise PluginError(f"registered methods without a page in docs/methods/: {', '.join(missing)}")
+    _anchors.clear()
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    depth = page.file.src_uri.count("/")
+    for optional in OPTIONAL_PAGES:
+        if not (DOCS / optional).exists():
+            markdown = re.sub(rf"\[([^\]]+)\]\((?:\.\./)*{re.escape(optional)}(#[^)]*)?\)", rf"\1 (`docs/{optional}`)", markdown)
+    if "<!-- generated: method-table -->" in markdown:
+        markdown = markdown.replace("<!-- generated: method-table -->", method_table_markdown())
+    if "<!-- generated: config-groups -->" in markdown:
+        markdown = markdown.replace("<!-- generated: config-groups -->", config_groups_markdown(depth))
+    if "<!-- generated: identity-table -->" in markdown:
+        markdown = markdown.replace("<!-- generated: identity-table -->", identity_table_markdown())
+    return markdown
+
+
+def _collect(items, found: set[str]) -> None:
+    for item in items:
+        found.add(item.id)
+        _collect(item.children, found)
+
+
+def on_page_content(html, page, config, files):
+    found: set[str] = set()
+    _collect(page.toc.items, found)
+    found.update(re.findall(r'id="([^"]+)"', html))
+    _anchors[page.file.src_uri] = found
+    return html
+
+
+def on_post_build(config):
+    bad = []
+    for name, mapping in _maps().items():
+        for section, target in mapping.items():
+            page, _, anchor = target.partition("#")
+            if page not in _anchors:
+                bad.append(f"{name} {section} -> {target}: no page {page}")
+            elif anchor and anchor not in _anchors[page]:
+                bad.append(f"{name} {section} -> {target}: no heading #{anchor} in {page}")
+    if bad:
+        raise PluginError("section maps point nowhere:\n  " + "\n  ".join(bad))
