@@ -7,9 +7,11 @@ What they do during every build, so that the generated parts cannot fall behind 
 * ``<!-- generated: config-groups -->`` becomes one section per config group of ``conf/``: every
   option file, its header comment, and a table of its keys with their defaults and comments;
 * ``<!-- generated: identity-table -->`` becomes ``results/identity.py``'s ``OUTCOME_TABLE``;
-* the build fails when a registered method has no page ``docs/methods/<name>.md``, or when an entry of
-  ``docs/methods_md_map.json`` / ``docs/methods_extra_map.json`` names a page or heading anchor
-  that the site does not have.
+* every registered method is in the nav, and one without a hand-written ``docs/methods/<name>.md``
+  gets a page made from its module's docstring and its registration (a new method is one module
+  and one YAML, its docs page included);
+* the build fails when an entry of ``docs/methods_md_map.json`` / ``docs/methods_extra_map.json``
+  names a page or heading anchor that the site does not have.
 
 A "METHODS.md x.y" or "METHODS_EXTRA.md x" pointer left in a config comment is shown as a link to
 the page that replaces that section (through the same two maps).
@@ -34,8 +36,21 @@ MAPS = {"METHODS.md": DOCS / "methods_md_map.json", "METHODS_EXTRA.md": DOCS / "
 # Groups shown as a list of files with their header comment only (their files set many groups at once).
 HEADER_ONLY = {"sweep", "experiment", "hydra"}
 # Display order of the groups; any group not named here follows, alphabetically.
-GROUP_ORDER = ["model", "method", "schedule", "data", "trainer", "logger", "measure", "visualize",
-               "paths", "hydra/launcher", "hydra", "experiment", "sweep"]
+GROUP_ORDER = [
+    "model",
+    "method",
+    "schedule",
+    "data",
+    "trainer",
+    "logger",
+    "measure",
+    "visualize",
+    "paths",
+    "hydra/launcher",
+    "hydra",
+    "experiment",
+    "sweep",
+]
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<rest>.*)$")
 
 
@@ -119,7 +134,9 @@ def _link_pointers(text: str, page_depth: int) -> str:
         label = Path(page).stem.replace("-", " ") + (f": {anchor.replace('-', ' ')}" if anchor else "")
         return f"[{label}]({prefix}{target})"
 
-    return re.sub(r"(?:docs/)?(?P<doc>METHODS(?:_EXTRA)?\.md),? (?:section )?(?P<sec>\d+(?:\.\d+)?)", repl, text)
+    return re.sub(
+        r"(?:docs/)?(?P<doc>METHODS(?:_EXTRA)?\.md),? (?:section )?(?P<sec>\d+(?:\.\d+)?)", repl, text
+    )
 
 
 def _group_dirs() -> list[str]:
@@ -135,28 +152,44 @@ def _group_dirs() -> list[str]:
 def config_groups_markdown(page_depth: int) -> str:
     out: list[str] = []
     top_header, top_rows = parse_yaml_options(CONF / "config.yaml")
-    out += ["## Top-level keys {#top-level-keys}", "", f"`conf/config.yaml`: {_cell(top_header)}", "",
-            "| key | default | what |", "|---|---|---|"]
+    out += [
+        "## Top-level keys {#top-level-keys}",
+        "",
+        f"`conf/config.yaml`: {_cell(top_header)}",
+        "",
+        "| key | default | what |",
+        "|---|---|---|",
+    ]
     out += [f"| `{k}` | `{_cell(v)}` | {_cell(c)} |" for k, v, c in top_rows]
     out.append("")
     for group in _group_dirs():
         files = sorted((CONF / group).glob("*.yaml"))
         anchor = group.replace("/", "-")
-        out += [f"## `{group}` {{#group-{anchor}}}", "",
-                f"Options: {', '.join(f'`{f.stem}`' for f in files)}. "
-                f"Pick one with `{group}=<option>`; set a key with `{group.split('/')[0]}.<key>=<value>`"
-                if group not in HEADER_ONLY and "/" not in group
-                else f"Options: {', '.join(f'`{f.stem}`' for f in files)}.", ""]
+        out += [
+            f"## `{group}` {{#group-{anchor}}}",
+            "",
+            f"Options: {', '.join(f'`{f.stem}`' for f in files)}. "
+            f"Pick one with `{group}=<option>`; set a key with `{group.split('/')[0]}.<key>=<value>`"
+            if group not in HEADER_ONLY and "/" not in group
+            else f"Options: {', '.join(f'`{f.stem}`' for f in files)}.",
+            "",
+        ]
         for f in files:
             header, rows = parse_yaml_options(f)
             rel = f.relative_to(ROOT).as_posix() if not f.is_symlink() else f"conf/{group}/{f.name}"
-            out += [f"### `{group}={f.stem}` {{#{anchor}-{f.stem.replace('_', '-')}}}", "",
-                    f"`{rel}`" + (f": {_cell(header)}" if header else ""), ""]
+            out += [
+                f"### `{group}={f.stem}` {{#{anchor}-{f.stem.replace('_', '-')}}}",
+                "",
+                f"`{rel}`" + (f": {_cell(header)}" if header else ""),
+                "",
+            ]
             if group in HEADER_ONLY or not rows:
                 continue
             out += ["| key | default | what |", "|---|---|---|"]
-            out += [f"| `{k}` | `{_cell(v)}` | {_cell(c)} |" if v else f"| `{k}` | | {_cell(c)} |"
-                    for k, v, c in rows]
+            out += [
+                f"| `{k}` | `{_cell(v)}` | {_cell(c)} |" if v else f"| `{k}` | | {_cell(c)} |"
+                for k, v, c in rows
+            ]
             out.append("")
     return _link_pointers("\n".join(out), page_depth)
 
@@ -178,7 +211,9 @@ def identity_table_markdown() -> str:
     yes = {True: "yes", False: "-"}
     lines = ["| fact | experiment key | backbone weights | trained method | why |", "|---|---|---|---|---|"]
     for fact, d in OUTCOME_TABLE.items():
-        lines.append(f"| `{fact}` | {yes[d.experiment]} | {yes[d.weights]} | {yes[d.trained]} | {_cell(d.why)} |")
+        lines.append(
+            f"| `{fact}` | {yes[d.experiment]} | {yes[d.weights]} | {yes[d.trained]} | {_cell(d.why)} |"
+        )
     return "\n".join(lines)
 
 
@@ -194,16 +229,60 @@ def on_config(config):
         if (DOCS / page).exists() and not any(page in str(item) for item in config.nav):
             at = next((i for i, item in enumerate(config.nav) if after in str(item)), len(config.nav) - 1)
             config.nav.insert(at + 1, {title: page})
+    _add_methods_to_nav(config.nav)
     return config
 
 
+def _add_methods_to_nav(nav: list) -> None:
+    """Every registered method in the Methods section, after the last method listed: a new method
+    needs no nav line (nor a page, see :func:`on_files`)."""
+    from tnt_lightning.engine.registry import methods
+
+    section = next(item["Methods"] for item in nav if isinstance(item, dict) and "Methods" in item)
+    listed = {page for entry in section for page in entry.values()}
+    last = max(
+        i for i, entry in enumerate(section) if any(str(v).startswith("methods/") for v in entry.values())
+    )
+    for info in methods():
+        page = f"methods/{info.name}.md"
+        if page not in listed:
+            last += 1
+            section.insert(last, {info.cls.__name__: page})
+
+
+def _generated_page(name: str) -> str:
+    """A method's page from its registration and its module's docstring, for a method whose author
+    wrote none (``docs/methods/<name>.md`` replaces it)."""
+    from tnt_lightning.engine.registry import TABLE_COLUMNS, get_method, method_table
+
+    info = get_method(name)
+    row = next(r for r in method_table() if r["method"] == name)
+    table = ["| " + " | ".join(TABLE_COLUMNS[1:]) + " |", "|" + "---|" * (len(TABLE_COLUMNS) - 1)]
+    table.append("| " + " | ".join(_cell(row[c]) for c in TABLE_COLUMNS[1:]) + " |")
+    doc = sys.modules[info.cls.__module__].__doc__ or ""
+    return "\n".join(
+        [
+            f"# {info.cls.__name__} (`method={name}`)",
+            "",
+            *table,
+            "",
+            doc.strip(),
+            "",
+            f"*This page is made from `{info.cls.__module__}`'s docstring and registration; a hand-written "
+            f"`docs/methods/{name}.md` replaces it.*",
+        ]
+    )
+
+
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     from tnt_lightning.engine.registry import method_names
 
     pages = {f.src_uri for f in files.documentation_pages()}
-    missing = [m for m in method_names() if f"methods/{m}.md" not in pages]
-    if missing:
-        raise PluginError(f"registered methods without a page in docs/methods/: {', '.join(missing)}")
+    for name in method_names():
+        if f"methods/{name}.md" not in pages:
+            files.append(File.generated(config, f"methods/{name}.md", content=_generated_page(name)))
     _anchors.clear()
     return files
 
@@ -212,7 +291,11 @@ def on_page_markdown(markdown, page, config, files):
     depth = page.file.src_uri.count("/")
     for optional in OPTIONAL_PAGES:
         if not (DOCS / optional).exists():
-            markdown = re.sub(rf"\[([^\]]+)\]\((?:\.\./)*{re.escape(optional)}(#[^)]*)?\)", rf"\1 (`docs/{optional}`)", markdown)
+            markdown = re.sub(
+                rf"\[([^\]]+)\]\((?:\.\./)*{re.escape(optional)}(#[^)]*)?\)",
+                rf"\1 (`docs/{optional}`)",
+                markdown,
+            )
     if "<!-- generated: method-table -->" in markdown:
         markdown = markdown.replace("<!-- generated: method-table -->", method_table_markdown())
     if "<!-- generated: config-groups -->" in markdown:
