@@ -14,11 +14,20 @@ PageRank). Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to 
 prints the machine, the protocol and the table.
 
     python -m tnt_lightning.measure.bench --model deit_small_distilled --keep-rate 0.5
+
+``--sweep`` (``make bench``; implied by ``--batch-sizes`` and ``--quick``) times every method at
+several batch sizes beside its two references, the plain model on the same token counts and
+Random drop to them (:mod:`.batch_sweep`), and the plain blocks after the pruning location at every
+token count; it writes ``bench_batches.{md,json}``, ``speedup_vs_batch_<model>.png`` and
+``latency_vs_tokens_<model>_<device>.png`` (docs/speed.md).
+
+    python -m tnt_lightning.measure.bench --sweep --batch-sizes 1,8,32 --methods topk,tome
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -35,7 +44,8 @@ from ..config import MEASURE_DTYPES, compose_config, register_configs
 from ..engine import ReductionError, backbone_info
 from ..engine.registry import method_names
 from ..methods.assembly import pruned_model
-from . import TimedModel, base_key, count_gflops, same_process_speedup, unpruned
+from . import TimedModel, base_key, batch_sweep, count_gflops, same_process_speedup, unpruned
+from .flops import token_trace
 from .memory import keep_freed_memory
 from .throughput import device_name
 
@@ -56,6 +66,43 @@ COLUMNS = [
 # Fractions of the patches a plain model keeps in every block (the ceiling rows): the speed the
 # machine's kernels give for that many tokens with no selection work (README, "Speed").
 CEILING_KEEP = (0.75, 0.5, 0.35)
+# The batch-size sweep's defaults (``--sweep``) where an option is not given: on a CPU DeiT-T and
+# five methods of different kinds (DeiT-S with every method and batch 128 takes hours on 2 cores);
+# ``--quick``: the tiny backbone, for tests and a check that everything runs.
+SWEEP_DEFAULTS = {
+    "cpu": {
+        "model": "deit_tiny",
+        "methods": "topk,evit,tnt,tome,zerotp",
+        "batch_sizes": "1,8,32,128",
+        "rounds": 3,
+        "warmup": 1,
+        "min_time": 0.1,
+        "token_stride": 8,
+        "token_batch_sizes": "1,8",
+    },
+    "cuda": {
+        "model": "deit_small_distilled",
+        "methods": ",".join(METHODS),
+        "batch_sizes": "1,8,32,128,256",
+        "rounds": 10,
+        "warmup": 10,
+        "min_time": 0.05,
+        "token_stride": 1,
+        "token_batch_sizes": "1,32",
+    },
+    "quick": {
+        "model": "vit_mnist",
+        "methods": "topk,tome",
+        "batch_sizes": "1,4",
+        "rounds": 2,
+        "warmup": 1,
+        "min_time": 0.0,
+        "token_stride": 8,
+        "token_batch_sizes": "1",
+    },
+}
+# Without --sweep: DeiT-S, every method, batch 32 (the table of README's "Speed").
+SINGLE_DEFAULTS = {"model": "deit_small_distilled", "methods": ",".join(METHODS), "warmup": 1}
 # One graph: the whole forward compiled; each graph break adds one (and runs eager between them).
 COMPILE_COLUMNS = ["compile s", "graphs"]
 
@@ -161,12 +208,26 @@ def markdown(rows: list[dict[str, Any]], compiled: bool = False) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deit_small_distilled")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="backbone (default deit_small_distilled; with --sweep on a CPU deit_tiny, on a GPU "
+        "deit_small_distilled; --quick: vit_mnist)",
+    )
     parser.add_argument("--keep-rate", type=float, default=0.5)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated (default every method; with --sweep on a CPU: topk,evit,tnt,tome,zerotp)",
+    )
     parser.add_argument("--schedules", default="single,multi")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per model (the paper: 50)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed passes per model (default 1; GPU sweep 10; the paper: 50)",
+    )
     parser.add_argument(
         "--iters", type=int, default=1, help="timed passes per model per pair (the paper: 30)"
     )
@@ -194,9 +255,63 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    sweep = parser.add_argument_group(
+        "batch-size sweep (make bench)",
+        "every method at several batch sizes beside the plain model and Random drop on its token "
+        "counts, and the plain blocks after the pruning location at every token count. On a CPU "
+        "the default is DeiT-T (not DeiT-S) and five methods: about 20 minutes on 2 shared cores "
+        "with OMP_NUM_THREADS=1, most of it batch 128; --batch-sizes 1,8,32 takes about a third.",
+    )
+    sweep.add_argument("--sweep", action="store_true", help="run the sweep (make bench does)")
+    sweep.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="comma-separated; implies --sweep (default 1,8,32,128 on a CPU, 1,8,32,128,256 on a GPU)",
+    )
+    sweep.add_argument(
+        "--quick",
+        action="store_true",
+        help="implies --sweep: vit_mnist, topk and tome, batch 1 and 4, 2 rounds",
+    )
+    sweep.add_argument("--rounds", type=int, default=None, help="timings per model (default 3 CPU, 10 GPU)")
+    sweep.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds one timing lasts at least (sets the passes per timing)",
+    )
+    sweep.add_argument(
+        "--token-stride",
+        type=int,
+        default=None,
+        help="token counts of the latency table: 1, 1+s, ... (CPU 8, GPU 1)",
+    )
+    sweep.add_argument(
+        "--token-batch-sizes",
+        default=None,
+        help="batch sizes of the latency-vs-tokens table (CPU 1,8; GPU 1,32)",
+    )
+    sweep.add_argument(
+        "--no-token-table", dest="token_table", action="store_false", help="skip the latency-vs-tokens table"
+    )
     args = parser.parse_args(argv)
-    if args.full:
+    args.sweep = args.sweep or args.quick or args.batch_sizes is not None
+    if args.sweep:
+        defaults = SWEEP_DEFAULTS[
+            "quick" if args.quick else "cuda" if args.device.startswith("cuda") else "cpu"
+        ]
+        if args.full:
+            defaults = {**defaults, "rounds": 10, "warmup": 50}
+    else:
+        defaults = SINGLE_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.full and not args.sweep:
         args.warmup, args.iters, args.pairs = 50, 30, 5
+    if args.sweep:
+        args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+        args.token_batch_sizes = [int(b) for b in str(args.token_batch_sizes).split(",")]
     groups = {o.lstrip("+~").split("=", 1)[0]: o for o in args.overrides}
     if "model" in groups:
         parser.error(f"--set {groups['model']}: the base and every method share one backbone; use --model")
@@ -208,9 +323,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark; returns its rows (also written to ``--out``)."""
-    args = parse(argv)
+def setup(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[tuple[str, str, list[str]]], Any, torch.device, dict]:
+    """The configs to time (every one composed once, so a bad ``--set`` fails first), the
+    backbone's spec, the device, and what the timings depend on (the machine, its load)."""
     register_configs()
     # As in every job (run_task): without it the base model's larger activations are faulted in
     # again on every pass, and a bf16 run timed the unpruned model at half its speed (memory.py)
@@ -229,6 +346,129 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ]
     check_overrides(common, runs)
     spec = instantiate(compose_config(common).model)
+    machine = {
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_average(),
+        "malloc_kept": malloc_kept,
+        "overrides": args.overrides,
+    }
+    return common, runs, spec, device, machine
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch-size sweep (:mod:`.batch_sweep`) and the latency-vs-tokens table; returns the
+    report also written to ``--out``."""
+    common, runs, spec, device, machine = setup(args)
+    protocol = {
+        "model": args.model,
+        "keep_rate": args.keep_rate,
+        "batch_sizes": args.batch_sizes,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "min_time_s": args.min_time,
+        "timer": "torch.utils.benchmark.Timer, models interleaved in every round",
+        **machine,
+    }
+    print(
+        f"{args.model}, keep_rate={args.keep_rate}, batches {args.batch_sizes}, {args.dtype}"
+        f"{', compiled' if args.compile else ''}, {protocol['device']} ({device.type}), "
+        f"{protocol['threads']} threads of {protocol['cpus']} CPUs, torch {torch.__version__}; per row "
+        f"{args.warmup} warm-up passes per model, then {args.rounds} rounds of base, method, plain model "
+        f"and Random drop on the method's token counts; latency ms median [IQR], speedup median [min, max]; "
+        f"load average {protocol['load_average_before']}",
+        flush=True,
+    )
+    plain = build(common)[0]
+    base_gflops = count_gflops(plain, spec.input_size)
+    base = TimedModel(copy.deepcopy(plain), device, args.dtype, args.compile)
+    built, refused = [], []
+    for name, schedule, overrides in runs:
+        try:
+            model = build(common + overrides)[0]
+        except ReductionError as e:
+            refused.append({"method": name, "schedule": schedule, "error": str(e)})
+            print(f"refused: {name} {schedule}: {_first_sentence(e)}", flush=True)
+            continue
+        gflops = count_gflops(model, spec.input_size)
+        built.append((name, schedule, TimedModel(model, device, args.dtype, args.compile), gflops))
+    print(batch_sweep.sweep_table([]), flush=True)
+    rows = []
+    for batch in args.batch_sizes:
+        inputs = torch.randn(batch, *spec.input_size, device=device)
+        base.warm_up(inputs, args.warmup)
+        number = batch_sweep.passes_for(base, inputs, args.min_time)
+        for name, schedule, method, gflops in built:
+            trace = {"method": token_trace(method.model, inputs)}
+            timed = {"base": base, "method": method}
+            costs = {"base": base_gflops, "method": gflops}
+            for ref in batch_sweep.REFERENCES:
+                model = batch_sweep.reference(
+                    copy.deepcopy(plain), method.model, trace["method"], ref == "random"
+                )
+                costs[ref] = count_gflops(model, spec.input_size)
+                timed[ref] = TimedModel(model, device, args.dtype, args.compile)
+                trace[ref] = token_trace(timed[ref].model, inputs)
+            for t in timed.values():
+                t.warm_up(inputs, args.warmup)
+            times = batch_sweep.interleaved(timed, inputs, args.rounds, number, 0)
+            row = batch_sweep.sweep_row(name, schedule, batch, times, costs, trace, number)
+            rows.append(row)
+            print(batch_sweep.sweep_line(row), flush=True)
+            del timed["plain"], timed["random"]
+    report: dict[str, Any] = {"protocol": protocol, "rows": rows, "refused": refused, "token_latency": None}
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"{args.model}, K={args.keep_rate}, {args.dtype}, {protocol['device']}, {protocol['threads']} threads"
+    )
+    tag = f"{args.model}_{device.type}"
+    md = [
+        f"{title}; load average {protocol['load_average_before']} before",
+        "",
+        batch_sweep.sweep_table(rows),
+    ]
+    if args.token_table:
+        start = int(spec.pruning.single_block) + 1
+        marks = batch_sweep.token_marks(rows, start)
+        info = backbone_info(plain)
+        counts = batch_sweep.token_grid(info.num_prefix + info.num_patches, args.token_stride, list(marks))
+        print(
+            f"plain blocks {start}.. at n tokens (latency ms median [IQR], fraction of all tokens'):",
+            flush=True,
+        )
+        latency = batch_sweep.token_latency(
+            plain, start, counts, args.token_batch_sizes, args.rounds, args.warmup, args.min_time, device
+        )
+        table = batch_sweep.token_table(latency, marks)
+        print(table, flush=True)
+        report["token_latency"] = {"start_block": start, "rows": latency, "marks": marks}
+        md += ["", f"plain model, blocks {start}.. (after the single-layer location) on n tokens:", "", table]
+        batch_sweep.plot_tokens(
+            latency, marks, args.out / f"latency_vs_tokens_{tag}.png", f"{title}, blocks {start}.."
+        )
+    protocol["load_average_after"] = load_average()
+    print(f"load average after: {protocol['load_average_after']}")
+    md += [f"\nload average after: {protocol['load_average_after']}"]
+    md += [f"\nrefused: {r['method']} {r['schedule']}: {r['error']}" for r in refused]
+    (args.out / "bench_batches.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "bench_batches.md").write_text("\n".join(md) + "\n")
+    if rows:
+        batch_sweep.plot_sweep(rows, args.out / f"speedup_vs_batch_{args.model}.png", title)
+    print(f"bench: {args.out / 'bench_batches.md'}, {args.out / 'bench_batches.json'}, plots in {args.out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns its rows (also written to ``--out``)."""
+    args = parse(argv)
+    if args.sweep:
+        return sweep(args)["rows"]
+    common, runs, spec, device, machine = setup(args)
     key = base_key(args.model, device, args.batch_size, args.dtype, args.compile)
     base, base_gflops = unpruned(
         key, lambda: build(common)[0], spec.input_size, device, args.dtype, args.compile
@@ -240,16 +480,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "warmup": args.warmup,
         "iters": args.iters,
         "pairs": args.pairs,
-        "dtype": args.dtype,
-        "compile": args.compile,
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_average_before": load_average(),
-        "malloc_kept": malloc_kept,
-        "overrides": args.overrides,
+        **machine,
     }
     print(
         f"{args.model}, keep_rate={args.keep_rate}, batch {args.batch_size}, {args.dtype}"
