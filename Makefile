@@ -88,8 +88,12 @@ clean-all: clean ## Also remove results/, cache/ (trained backbones and heads) a
 	rm -rf results cache wandb reports
 
 BENCH_ARGS ?=
-bench: ## Speed of every method and schedule vs the unpruned DeiT-S, in one process; table, JSON, plot in reports/bench (BENCH_ARGS="--full")
-	$(PYTHON) -m tnt_lightning.measure.bench $(BENCH_ARGS)
+# The batch-size sweep (docs/speed.md): batch 1, 8, 32, 128 on a CPU (DeiT-T, five methods), up to 256
+# on a GPU (DeiT-S, every method), each method beside the plain model and Random drop on its token
+# counts, and the latency-vs-tokens table. BENCH_ARGS="--batch-sizes 1,8,32", "--quick" (seconds),
+# "--model deit_small"; `python -m tnt_lightning.measure.bench` without --sweep: batch 32 only.
+bench: ## Speedup across batch sizes vs the unpruned model and its two ceilings, latency vs tokens; reports/bench (BENCH_ARGS="--quick")
+	$(PYTHON) -m tnt_lightning.measure.bench --sweep $(BENCH_ARGS)
 
 # The GPU check (README, "GPU check"): every CUDA path once, in reports/gpu/gpu_check.{md,json};
 # exit status 1 if any row failed. The smoke run is the same script on the CPU, small (CI runs it).
