@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
 	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke test-wheel \
-	conformance
+	conformance docs docs-serve
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -22,12 +22,22 @@ lock: ## Refresh requirements.txt: fresh venv, newest allowed releases, fast tes
 	rm -rf $(LOCK_VENV)
 	python3 -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev,docs]"
 	$(MAKE) test PYTHON=$(LOCK_VENV)/bin/python
 	{ echo "# The set the fast suite last passed with (\`make lock\`, $$(date -u +%F), $$(uname -m), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
 	  echo "# Used as constraints by \`make install\`: entries a platform does not need are ignored."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -iv '^tnt-lightning'; } > requirements.txt.new
 	mv requirements.txt.new requirements.txt
+
+# The documentation site (mkdocs.yml, docs/). The docs extra is not part of `make install`: it is
+# installed here, at the lock's versions, the first time it is missing.
+docs: ## Build the documentation site in strict mode into build/site (a broken link or missing page fails)
+	@$(PYTHON) -c 'import mkdocs, material' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
+	$(PYTHON) -m mkdocs build --strict
+
+docs-serve: ## Serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
+	@$(PYTHON) -c 'import mkdocs, material' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
+	$(PYTHON) -m mkdocs serve
 
 check-data: ## Decode every image of a folder dataset and list the bad ones (DATA=/path/to/dataset)
 	@test -n "$(DATA)" || { echo "DATA=/path/to/dataset is required"; exit 2; }
@@ -77,8 +87,8 @@ test-wheel: ## Build the wheel, install it in a fresh venv outside the clone, ru
 	echo "test-wheel: ok (the installed wheel ran an evaluation, bench --help and the report outside the clone)"
 
 lint: ## ruff
-	$(PYTHON) -m ruff check src tests run.py
-	$(PYTHON) -m ruff format --check src tests run.py
+	$(PYTHON) -m ruff check src tests scripts examples run.py
+	$(PYTHON) -m ruff format --check src tests scripts examples run.py
 
 clean: ## Remove run folders and Python caches (keeps results/ and cache/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache build dist src/*.egg-info
