@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from helpers import CONF, tiny_vit
+from helpers import CONF, ROOT, tiny_vit
 from tnt_lightning.engine import ReductionError, backbone_info
 from tnt_lightning.engine.registry import (
     BASELINE,
@@ -30,6 +30,7 @@ SWEEP_EXCEPTIONS = {
         "sinkhorn": "Haurum's learned merging methods joined after the demo grid was set",
         "sit": "Haurum's learned merging methods joined after the demo grid was set",
         "ppt": "PPT, as single-layer ToMe, removes at most half of the tokens per block: K = 0.3 is refused",
+        "pitome": "PiToMe merges at most half of the tokens per block (it pairs 2r): K = 0.3 is refused",
     },
     "cmnist_study": {
         BASELINE: "the unpruned baseline runs first, outside the grid (make study)",
@@ -39,6 +40,7 @@ SWEEP_EXCEPTIONS = {
             for m in ("spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit")
         },
         "ppt": "the study covers the TNT paper's methods; the methods added since 2024 are not in it",
+        "pitome": "the study covers the TNT paper's methods; the methods added since 2024 are not in it",
     },
 }
 
@@ -126,3 +128,12 @@ def test_the_bench_report_and_budget_take_their_methods_from_the_registry():
     assert len(set(colours)) == len(colours)  # no two methods share a colour
     assert plots._color("tnt_mlp") == plots._color("tnt")
     assert plots._color("someone_elses") not in colours
+
+
+def test_the_readme_method_table_is_the_registrys():
+    """README's table between its markers is `python -m tnt_lightning.methods`'s output."""
+    from tnt_lightning.engine.registry import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- methods:start -->\n", 1)[1].split("\n<!-- methods:end -->", 1)[0]
+    assert shown == markdown_table(), "regenerate it: python -m tnt_lightning.methods"
