@@ -221,7 +221,10 @@ def identity_table_markdown() -> str:
 _anchors: dict[str, set[str]] = {}
 # Pages other work adds: in the nav (after the page named) once the file exists; until then a link
 # to one is shown as its text and path.
-OPTIONAL_PAGES = {"speed.md": ("Speed", "measuring.md")}
+OPTIONAL_PAGES = {
+    "speed.md": ("Speed", "measuring.md"),
+    "data_cache.md": ("Decoded evaluation cache", "speed.md"),
+}
 
 
 def on_config(config):

@@ -23,6 +23,8 @@ def test_the_documented_example_runs_as_written(capsys):
     example = shown_example()
     assert len(example.strip().splitlines()) == 5
     assert example.strip() in tnt_lightning.__doc__.replace("\n    ", "\n")
+    readme = (DOC.parents[1] / "README.md").read_text()
+    assert re.search(r"```python\n(.*?)```", readme, re.S).group(1) == example  # the README shows the same
     exec(example, {})
     first, second = capsys.readouterr().out.splitlines()
     base, pruned = map(float, first.split())
