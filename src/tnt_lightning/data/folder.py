@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..results.content import EVAL_SPLIT_FALLBACKS, IMAGE_EXTENSIONS
 from ..results.identity import PREPROCESS_KEYS
 from .base import ClassificationDataModule
+from .decoded import DecodedCache, DecodedSplit, whole_batch
 from .preprocess import Preprocessing, resolve_preprocessing
 from .transforms import AUGMENTATIONS, train_transform
 
@@ -100,7 +101,9 @@ class ImageFolderDataModule(ClassificationDataModule):
     resolved values of ``data.preprocess`` (:func:`tnt_lightning.tasks.inputs.resolve_inputs` fills
     them in from the backbone); None is DeiT's recipe. ``content``: the image count and file-list
     fingerprint per split that the run's identity holds (:mod:`tnt_lightning.results.content`),
-    checked against the images found.
+    checked against the images found. ``decoded_cache``: read the evaluation splits from a cache of
+    their decoded centre crops under ``<cache_dir>/decoded/``, built by the first job that needs it
+    (:mod:`tnt_lightning.data.decoded`); the batches are bitwise the same.
     """
 
     def __init__(
@@ -122,6 +125,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         train_overrides: dict | None = None,
         content: dict[str, Any] | None = None,
+        decoded_cache: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(name, batch_size, eval_batch_size, num_workers, pin_memory, train_overrides)
         if root is None or str(root) in ("", "???"):
@@ -145,8 +150,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.preprocessing = _given_preprocessing(preprocess).for_channels(channels)
         self.mean, self.std = self.preprocessing.mean, self.preprocessing.std
         self._classes: list[str] | None = None
-        self._datasets: dict[str, CheckedImageFolder] = {}
+        self._datasets: dict[str, CheckedImageFolder | DecodedSplit] = {}
         self.content = content or {}
+        if not isinstance(decoded_cache, bool):
+            raise ValueError(f"data.decoded_cache={decoded_cache!r} must be true or false")
+        self.decoded_cache, self.cache_dir = decoded_cache, cache_dir
 
     @property
     def splits(self) -> dict[str, str]:
@@ -262,12 +270,47 @@ class ImageFolderDataModule(ClassificationDataModule):
                     f"{self.root / split} holds {len(dataset)} images, but {counted} when this run's "
                     f"identity was taken (data.content): the folder changed during the run; run it again"
                 )
+            if s != "fit" and self.decoded_cache:
+                dataset = self._decoded(split, dataset)
             self._datasets[split] = dataset
         if stage == "fit":
             self.setup("validate")
 
+    def _decoded(self, split: str, dataset: CheckedImageFolder) -> CheckedImageFolder | DecodedSplit:
+        """The evaluation split read from its decoded cache (built on first use), or ``dataset`` with
+        a warning when the cache cannot be built (no ``cache_dir``, a full disk)."""
+        from ..results.content import split_content
+
+        if not self.cache_dir:
+            log.warning("data.decoded_cache=true needs data.cache_dir; decoding %s each time", split)
+            return dataset
+        folder = self.root / split
+        p = self.preprocessing
+        cache = DecodedCache(
+            self.cache_dir,
+            folder,
+            dataset.samples,
+            self.content.get(split) or split_content(folder, self.cache_dir),
+            self.transform(train=False),
+            "L" if self.channels == 1 else "RGB",
+            self.image_size,
+            {"crop_pct": p.crop_pct, "crop_mode": p.crop_mode, "interpolation": p.interpolation},
+        )
+        try:
+            decoded = cache.load(self.num_workers, self.on_bad_image)
+        except OSError as e:
+            log.warning("data.decoded_cache: %s; decoding %s each time", e, folder)
+            return dataset
+        for _, why in sorted(decoded.bad.items()):
+            if self.on_bad_image == "fail":
+                raise BadImageError(f"{why} (data.on_bad_image=skip leaves such files out)")
+            log.warning("skipping %s (data.on_bad_image=skip)", why)
+        log.info("data: %s read from its decoded cache %s", folder, cache.path)
+        return decoded
+
     def _loader(self, dataset, train: bool):
-        return super()._loader(dataset, train, collate_fn=collate_decoded)
+        collate = whole_batch if isinstance(dataset, DecodedSplit) else collate_decoded
+        return super()._loader(dataset, train, collate_fn=collate)
 
     def train_dataloader(self):
         return self._loader(self._datasets[self.splits["fit"]], train=True)

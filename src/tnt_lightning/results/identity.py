@@ -48,6 +48,13 @@ OUTCOME_TABLE: dict[str, Decides] = {
         True, False, False, "the images evaluated; training reads only the training split"
     ),
     "data.cache_dir": Decides(False, False, False, "where decoded data is cached"),
+    "data.decoded_cache": Decides(
+        False,
+        False,
+        False,
+        "whether evaluation crops are decoded each time or read from their decoded cache: the batches "
+        "are bitwise the same (tests/data/test_decoded_cache.py), and training splits are never cached",
+    ),
     "data.num_workers": Decides(False, False, False, "how many processes load the data"),
     "data.pin_memory": Decides(False, False, False, "how batches reach the device"),
     "data.eval_batch_size": Decides(False, False, False, "an image's result does not depend on its batch"),
@@ -182,6 +189,7 @@ def legacy_data_identity(data: dict[str, Any] | None, purpose: Purpose) -> dict[
             "eval_batch_size",
             "on_bad_image",
             "train_overrides",
+            "decoded_cache",
         ),
         "trained": (
             "_target_",
@@ -191,6 +199,7 @@ def legacy_data_identity(data: dict[str, Any] | None, purpose: Purpose) -> dict[
             "pin_memory",
             "train_overrides",
             "cache_dir",
+            "decoded_cache",
         ),
     }[purpose]
     data = comparable_preprocessing({k: v for k, v in data.items() if k != "content"})
