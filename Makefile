@@ -105,7 +105,7 @@ BENCH_ARGS ?=
 bench: ## Speedup across batch sizes vs the unpruned model and its two ceilings, latency vs tokens; reports/bench (BENCH_ARGS="--quick")
 	$(PYTHON) -m tnt_lightning.measure.bench --sweep $(BENCH_ARGS)
 
-# The GPU check (README, "GPU check"): every CUDA path once, in reports/gpu/gpu_check.{md,json};
+# The GPU check (docs/measuring.md#gpu-check): every CUDA path once, in reports/gpu/gpu_check.{md,json};
 # exit status 1 if any row failed. The smoke run is the same script on the CPU, small (CI runs it).
 GPU_CHECK_ARGS ?=
 gpu-check: ## Every CUDA path on one GPU (<= 8 min): gpu tests, methods, throughput, AMP training, memory (GPU_CHECK_ARGS=)

@@ -1,5 +1,5 @@
 """Our ToMe, EViT (and Top-K: EViT without the fused token), DynamicViT and TNT against the official
-code, timed in one process (README, "Speed"). Opt-in: it imports the official repositories from
+code, timed in one process (docs/speed-batch32.md). Opt-in: it imports the official repositories from
 the paths given, which are never part of this repository.
 
 For each method, both models get the same weights (a seeded random DeiT-S, the official model

@@ -10,18 +10,16 @@ What they do during every build, so that the generated parts cannot fall behind 
 * every registered method is in the nav, and one without a hand-written ``docs/methods/<name>.md``
   gets a page made from its module's docstring and its registration (a new method is one module
   and one YAML, its docs page included);
-* the build fails when an entry of ``docs/methods_md_map.json`` / ``docs/methods_extra_map.json``
-  names a page or heading anchor that the site does not have.
-
-A "METHODS.md x.y" or "METHODS_EXTRA.md x" pointer left in a config comment is shown as a link to
-the page that replaces that section (through the same two maps).
+* the build fails when a ``docs/<page>.md#<anchor>`` pointer in the code, configs, sweeps, tests,
+  scripts or README names a page or heading this site does not have (the pointers cannot rot);
+  in the generated configuration reference, such a pointer in a config comment is a link.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +30,9 @@ CONF = ROOT / "conf"
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT / "src"))
 
-MAPS = {"METHODS.md": DOCS / "methods_md_map.json", "METHODS_EXTRA.md": DOCS / "methods_extra_map.json"}
+# Where pointers to the site's pages are looked for (tracked files only).
+POINTER_PLACES = ("src", "conf", "sweeps", "tests", "scripts", "examples", "README.md", "Makefile")
+POINTER = re.compile(r"docs/(?P<page>[\w/-]+\.md)(?:#(?P<anchor>[\w-]+))?")
 # Groups shown as a list of files with their header comment only (their files set many groups at once).
 HEADER_ONLY = {"sweep", "experiment", "hydra"}
 # Display order of the groups; any group not named here follows, alphabetically.
@@ -52,10 +52,6 @@ GROUP_ORDER = [
     "sweep",
 ]
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<rest>.*)$")
-
-
-def _maps() -> dict[str, dict[str, str]]:
-    return {name: json.loads(path.read_text()) for name, path in MAPS.items() if path.exists()}
 
 
 # --------------------------------------------------------------------------------- config groups
@@ -122,21 +118,14 @@ def _cell(text: str) -> str:
 
 
 def _link_pointers(text: str, page_depth: int) -> str:
-    """Turn "METHODS.md 0.4" / "METHODS_EXTRA.md 7" into links to the page that replaces them."""
-    maps = _maps()
+    """Turn ``docs/<page>.md#<anchor>`` in a config comment into a link to that page of the site."""
     prefix = "../" * page_depth
 
     def repl(m: re.Match) -> str:
-        target = maps.get(m["doc"], {}).get(m["sec"])
-        if not target:
-            return m[0]
-        page, _, anchor = target.partition("#")
-        label = Path(page).stem.replace("-", " ") + (f": {anchor.replace('-', ' ')}" if anchor else "")
-        return f"[{label}]({prefix}{target})"
+        anchor = f"#{m['anchor']}" if m["anchor"] else ""
+        return f"[{m[0]}]({prefix}{m['page']}{anchor})"
 
-    return re.sub(
-        r"(?:docs/)?(?P<doc>METHODS(?:_EXTRA)?\.md),? (?:section )?(?P<sec>\d+(?:\.\d+)?)", repl, text
-    )
+    return POINTER.sub(repl, text)
 
 
 def _group_dirs() -> list[str]:
@@ -322,14 +311,28 @@ def on_page_content(html, page, config, files):
     return html
 
 
+def _pointers() -> dict[tuple[str, str], list[str]]:
+    """Every ``docs/<page>.md#<anchor>`` of the tracked files, with where it stands."""
+    files = subprocess.run(
+        ["git", "ls-files", *POINTER_PLACES], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    found: dict[tuple[str, str], list[str]] = {}
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in (".py", ".yaml", ".md", ".sh", ".csv", ".toml", "") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for m in POINTER.finditer(line):
+                found.setdefault((m["page"], m["anchor"] or ""), []).append(f"{name}:{number}")
+    return found
+
+
 def on_post_build(config):
     bad = []
-    for name, mapping in _maps().items():
-        for section, target in mapping.items():
-            page, _, anchor = target.partition("#")
-            if page not in _anchors:
-                bad.append(f"{name} {section} -> {target}: no page {page}")
-            elif anchor and anchor not in _anchors[page]:
-                bad.append(f"{name} {section} -> {target}: no heading #{anchor} in {page}")
+    for (page, anchor), where in sorted(_pointers().items()):
+        if page not in _anchors and not (DOCS / page).is_file():
+            bad.append(f"docs/{page} (no such page): {', '.join(where[:3])}")
+        elif anchor and page in _anchors and anchor not in _anchors[page]:
+            bad.append(f"docs/{page}#{anchor} (no such heading): {', '.join(where[:3])}")
     if bad:
-        raise PluginError("section maps point nowhere:\n  " + "\n  ".join(bad))
+        raise PluginError("pointers to the docs point nowhere:\n  " + "\n  ".join(bad))

@@ -9,7 +9,7 @@
 # spool, state, logs, and pids/ with the PID of each daemon this script started. Only
 # /etc/slurm/slurm.conf (a link to the generated one, where clients look for it) and munge's key
 # are written elsewhere; an existing slurm.conf that is not our link is never replaced.
-# Settings that matter on these machines (sandboxed kernel, no systemd): ../shared/SLURM.md.
+# Settings that matter on these machines (sandboxed kernel, no systemd): docs/slurm.md#slurm-local-settings.
 # Requeued jobs wait AuthInfo=cred_expire seconds before they start again (SLURM's default 120).
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 """Masked training's step time with each implementation of DynamicViT's masked attention, timed in
-one process (README, "Learned methods: training").
+one process (docs/training.md).
 
 A DynamicViT / dTPS training step (loss, backward, AdamW; the backbone fine-tuned at the recipe's
 0.01x, so the distillation teacher is a separate copy) on a random-weight backbone, run in turn

@@ -1,4 +1,4 @@
-"""GFLOPs: exact fvcore-convention counts, checked against the closed-form formula (METHODS.md 9)."""
+"""GFLOPs: exact fvcore-convention counts, checked against the closed-form formula (docs/methods/flops.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tnt_lightning.measure import count_macs
 from tnt_lightning.measure.analytic import vit_macs
 from tnt_lightning.models import create_model, set_fused_attn
 
-# The exact integers of METHODS.md 9.3, and the paper's printed GFLOPs.
+# The exact integers of docs/methods/flops.md#base-models, and the paper's printed GFLOPs.
 PAPER_BACKBONES = [
     ("deit_tiny_distilled", 1_265_755_776, 1.27),
     ("deit_small_distilled", 4_633_644_288, 4.63),

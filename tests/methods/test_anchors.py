@@ -1,4 +1,4 @@
-"""The paper's GFLOPs, reproduced from its own tables (METHODS.md section 12).
+"""The paper's GFLOPs, reproduced from its own tables (docs/methods/flops.md#anchors).
 
 Every row of the paper's result tables that names a runnable setting of an implemented method is
 run (random weights, batch 1) and its GFLOPs must round to the printed value: |ours - printed| <=

@@ -1,4 +1,5 @@
-"""Keep counts exactly as the official code computes them (METHODS.md 0.4, 12.1)."""
+"""Keep counts exactly as the official code computes them (docs/methods/conventions.md#keep-count-rules,
+docs/methods/flops.md#anchors-reproduced)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_python_float_truncation_is_reproduced_not_fixed(n, rate, count):
 
 
 def test_evit_ceil_counts_with_the_fused_token():
-    # rho = .7 on a CLS-only model: 196 -> 138 (+1 fused) -> 98 (+1) -> 70 (+1)  (METHODS.md 12.1)
+    # rho = .7 on a CLS-only model: 196 -> 138 (+1 fused) -> 98 (+1) -> 70 (+1)
+    # (docs/methods/flops.md#anchors-reproduced)
     n, kept = 196, []
     for _ in range(3):
         k = keep_ceil(n, 0.7)
@@ -95,7 +97,8 @@ def _token_counts(model, x) -> list[int]:
 def test_topk_multi_layer_counts_through_a_real_forward():
     model = tiny_vit(prefix=2, depth=6, img=224, patch=16, dim=24, heads=2)
     apply_reducer(model, TopK([2, 3, 4], [0.9, 0.9, 0.8]))
-    # 196 -> 176 -> 158 -> 126 patches (METHODS.md 12.1), +2 prefix, inside blocks 2, 3, 4
+    # 196 -> 176 -> 158 -> 126 patches, +2 prefix, inside blocks 2, 3, 4
+    # (docs/methods/flops.md#anchors-reproduced)
     assert _token_counts(model, torch.randn(1, 3, 224, 224)) == [198, 198, 178, 160, 128, 128]
 
 

@@ -1,5 +1,6 @@
 """Learned methods (TNT, DynamicViT, dTPS): their forwards and losses worked out by hand, their
-trained-parameter files, and the early errors of METHODS.md sections 1, 5 and 8."""
+trained-parameter files, and the early errors of docs/methods/tnt.md, docs/methods/dynamicvit.md
+and docs/methods/dtps.md."""
 
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def timm_spec(tmp_path, name: str, *overrides: str) -> BackboneSpec:
 
 
 def analytic_gflops(model, tokens_per_block, final_tokens=None) -> float:
-    """METHODS.md 9.2 for a timm ViT; mean-pooled models with fc_norm normalise one pooled vector."""
+    """docs/methods/flops.md#per-block-formula for a timm ViT; mean-pooled models with fc_norm
+    normalise one pooled vector."""
     info = backbone_info(model)
     if isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm):
         final_tokens = 1

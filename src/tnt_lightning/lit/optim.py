@@ -4,7 +4,7 @@
   (DynamicViT's ``cosine_scheduler``).
 * ``epoch``: timm 0.3.2's cosine stepped once per epoch as DeiT's training loop does (TNT, TPS):
   warm-up not subtracted from the cosine phase, and the scheduler is stepped *after* each epoch,
-  so epoch e trains at lr(e - 1) and epochs 0 and 1 both use ``warmup_lr`` (METHODS.md 1.2).
+  so epoch e trains at lr(e - 1) and epochs 0 and 1 both use ``warmup_lr`` (docs/methods/tnt.md#training).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Closed-form FLOPs of a plain ViT (METHODS.md section 9), used to cross-check the counter.
+"""Closed-form FLOPs of a plain ViT (docs/methods/flops.md), used to cross-check the counter.
 
 Every formula counts multiply-adds the way fvcore does (see :mod:`.flops`).
 """

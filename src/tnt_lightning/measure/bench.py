@@ -64,7 +64,7 @@ COLUMNS = [
     "speedup / ratio",
 ]
 # Fractions of the patches a plain model keeps in every block (the ceiling rows): the speed the
-# machine's kernels give for that many tokens with no selection work (README, "Speed").
+# machine's kernels give for that many tokens with no selection work (docs/speed-batch32.md).
 CEILING_KEEP = (0.75, 0.5, 0.35)
 # The batch-size sweep's defaults (``--sweep``) where an option is not given: on a CPU DeiT-T and
 # five methods of different kinds (DeiT-S with every method and batch 128 takes hours on 2 cores);
@@ -101,7 +101,7 @@ SWEEP_DEFAULTS = {
         "token_batch_sizes": "1",
     },
 }
-# Without --sweep: DeiT-S, every method, batch 32 (the table of README's "Speed").
+# Without --sweep: DeiT-S, every method, batch 32 (the table of docs/speed-batch32.md).
 SINGLE_DEFAULTS = {"model": "deit_small_distilled", "methods": ",".join(METHODS), "warmup": 1}
 # One graph: the whole forward compiled; each graph break adds one (and runs eager between them).
 COMPILE_COLUMNS = ["compile s", "graphs"]

@@ -1,7 +1,7 @@
 """Why GFLOPs are counted by our counter, not ptflops.
 
 Run ``python -m tnt_lightning.measure.compare_counters``.
-Prints, for the paper's four backbones, the exact closed-form count (METHODS.md 9), our count with
+Prints, for the paper's four backbones, the exact closed-form count (docs/methods/flops.md), our count with
 fused attention on and off, and ptflops' two backends.
 """
 

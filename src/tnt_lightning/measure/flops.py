@@ -14,7 +14,7 @@ tokens that are only masked. Three gaps are filled here:
 * ``torch.cdist`` (the clustering methods' distance matrices) is not counted by torch: N*M*C
   multiply-adds for N x M distances in C dimensions.
 
-ptflops and fvcore miss attention on timm ViTs (README, "Counting GFLOPs"); they are not used.
+ptflops and fvcore miss attention on timm ViTs (docs/methods/flops.md); they are not used.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Throughput in images/s, with the paper's protocol (METHODS.md section 10).
+"""Throughput in images/s, with the paper's protocol (docs/measuring.md#throughput-protocol).
 
 ``paper``: batch 32 of random inputs already on the device, eval mode, 50 warm-up passes, then
 30 timed passes between device synchronisations (DynamicViT's/TNT's ``throughput()``).

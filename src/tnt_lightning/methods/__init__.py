@@ -39,7 +39,8 @@ NOT_METHODS = ("common", "assembly", "__main__")
 def resolve_blocks(
     method: DictConfig, schedule: DictConfig, keep_rate: float, pruning: PruningDefaults, depth: int
 ):
-    """The blocks and per-block rates a schedule asks for (METHODS.md 0.3 defaults when null).
+    """The blocks and per-block rates a schedule asks for (the defaults when null:
+    docs/methods/conventions.md#block-numbering).
 
     A method's own default blocks are the paper's, for 12 blocks: on a backbone whose
     ``model.pruning.paper_depth`` is set they keep their relative depth (``scale_block``).

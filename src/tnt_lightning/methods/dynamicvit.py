@@ -3,7 +3,7 @@
 After each stage's block, a small predictor (``score_predictor.{j}``, named as in the official
 code) scores the patch tokens from their own features and a masked mean of the others. Stage j
 keeps ``int(n0 * rho_j)`` of the *initial* n0 patches (``rho_j = rho ** j`` for a scalar keep
-rate), ranked by the predicted keep log-probability (METHODS.md section 5).
+rate), ranked by the predicted keep log-probability (docs/methods/dynamicvit.md).
 
 Training never removes tokens: hard Gumbel-softmax decisions (straight-through) become an
 attention mask in every later block (DynamicViT's masked softmax), and the loss is the official

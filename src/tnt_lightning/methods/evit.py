@@ -3,11 +3,11 @@
 Inside block l: the top ``ceil(rate * n)`` non-prefix tokens by CLS attention (heads averaged)
 are kept, sorted by score; the others are summed, weighted by their raw (not renormalised) CLS
 attention, into a fused token appended last. At a later location the previous fused token is an
-ordinary candidate. ``fuse_token: false`` only drops (METHODS.md 4).
+ordinary candidate. ``fuse_token: false`` only drops (docs/methods/evit.md).
 
 DIST: the official code ranks the DIST token like a patch; here it is a prefix token (kept, never
 scored). ``paper_flops_compat`` runs a CLS-only backbone instead, which is what the paper's
-GFLOPs imply (METHODS.md 4.3, 11.4).
+GFLOPs imply (docs/methods/evit.md#dist-token, docs/methods/conventions.md#dist-token).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Random drop (baseline): keep ``int(n * K)`` patch tokens chosen uniformly at random.
 
-Acts after block l (the paper: where TNT acts, METHODS.md 2). Drawn per sample from the method's
+Acts after block l (the paper: where TNT acts, docs/methods/random.md). Drawn per sample from the method's
 own seeded generator; the kept tokens stay in their original order.
 """
 

@@ -4,7 +4,7 @@ A Noise Allocator scores the patch tokens after each of the first blocks: alpha 
 the patches of a linear head (``alpha_heads.{l}``, named as in the official code so its released
 checkpoints load). In training, Gaussian noise of amplitude (1 - alpha_i) is added to each patch
 token, so the heads learn which tokens the frozen backbone can least afford to perturb. At test
-time the tokens with the lowest alpha are dropped (METHODS.md section 1):
+time the tokens with the lowest alpha are dropped (docs/methods/tnt.md):
 
 * single-layer (after block l): keep the top ``int(n*K) + s`` by alpha, then random-partition
   similarity pruning removes ``s`` of them;
@@ -41,7 +41,8 @@ PERMUTATIONS = ("per_batch", "per_sample")
 
 
 def make_alpha_head(dim: int, allocator: str) -> nn.Module:
-    """Linear D->1 (the paper), or the DeiT-T "TNT+MLP" allocator: D->2D->1 (inferred, METHODS.md 1.1)."""
+    """Linear D->1 (the paper), or the DeiT-T "TNT+MLP" allocator: D->2D->1 (inferred:
+    docs/methods/tnt.md#allocator)."""
     if allocator == "linear":
         head = nn.Linear(dim, 1)
     else:
@@ -179,7 +180,7 @@ class TNT(LearnedReducer):
 
     @staticmethod
     def _clamped_s(n: int, k: int, s: int, where: str) -> int:
-        """RPSP needs k + s <= n and s <= (k + s) // 2 (METHODS.md 1.5): clamp, with a warning."""
+        """RPSP needs k + s <= n and s <= (k + s) // 2 (docs/methods/tnt.md#rpsp): clamp, with a warning."""
         s_eff = min(s, n - k)
         while s_eff > 0 and s_eff > (k + s_eff) // 2:
             s_eff -= 1

@@ -4,7 +4,7 @@ Inside block l, after the attention residual: tokens alternate into sets A (even
 B (odd); each A token's best cosine match in B is found on the block's keys averaged over heads;
 the r best-matched A tokens are merged into their B partners by a size-weighted mean. Later
 blocks add log(size) to the attention logits (proportional attention), and a mean-pooled model
-pools by size (METHODS.md 6). CLS (first of A) and DIST (first of B) are never merged, and the
+pools by size (docs/methods/tome.md). CLS (first of A) and DIST (first of B) are never merged, and the
 token order after a merge is the official one, which the next block's parity split depends on.
 """
 
@@ -31,7 +31,7 @@ from ..engine.registry import register_method
 from .common.keep import tome_merge_count, tome_single_layer_r
 
 # keys_mean: the official metric, the block's keys averaged over heads (D/H wide). keys: all heads
-# concatenated (D wide), which the paper's own ViT/16 ToMe GFLOPs fit (METHODS.md 6.4).
+# concatenated (D wide), which the paper's own ViT/16 ToMe GFLOPs fit (docs/methods/tome.md#flops).
 METRICS = ("keys_mean", "keys")
 
 

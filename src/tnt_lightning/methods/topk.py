@@ -2,7 +2,7 @@
 
 Inside block l, between the attention residual and the MLP, so block l's MLP already runs on the
 kept tokens. Score: block l's CLS query row averaged over heads, at patch columns only (a DIST
-token is a prefix token: kept, never scored). ``int(n * rate)`` of the current n (METHODS.md 3).
+token is a prefix token: kept, never scored). ``int(n * rate)`` of the current n (docs/methods/topk.md).
 Equals official EViT with ``fuse_token=False`` on a CLS-only model, up to EViT's ceil rounding.
 """
 

@@ -2,7 +2,7 @@
 
 Inside block l, the top non-prefix tokens by CLS attention (heads averaged) are kept; each pruned
 token is folded into its most similar kept ("host") token by TPS's squeeze instead of EViT's fused
-token (METHODS.md 8.3). Keep count ``int(n * rate)`` (TNT-aligned) or EViT's ``ceil``.
+token (docs/methods/etps.md). Keep count ``int(n * rate)`` (TNT-aligned) or EViT's ``ceil``.
 """
 
 from __future__ import annotations

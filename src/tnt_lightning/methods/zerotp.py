@@ -1,7 +1,7 @@
 """Zero-TP / Zero-TPrune (Wang et al., CVPR 2024): attention-graph importance, then similarity.
 
 No official code exists; this follows the paper, the TNT paper's use of it and the FLOP anchors
-(METHODS.md 7). After block l, using block l's attention and keys:
+(docs/methods/zerotp.md). After block l, using block l's attention and keys:
 
 * I-stage: weighted PageRank on each head's attention graph, ``w <- A^T w`` from a uniform start
   for ``itr`` iterations (importance flows to the attended tokens); heads combined by their
@@ -13,7 +13,8 @@ No official code exists; this follows the paper, the TNT paper's use of it and t
 
 Single-layer: itr 50, s = 25 (DeiT) / 30 (ViT/16). Multi-layer: after blocks 0,2,5,8,10 with
 itr [30,5,5,1,1]; the first and last locations are similarity-only (rate 1, s = ``s_multi``), the
-others importance-only. The paper's multi-layer GFLOPs cannot be reproduced (METHODS.md 7.5).
+others importance-only. The paper's multi-layer GFLOPs cannot be reproduced
+(docs/methods/zerotp.md#multi-layer).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
     Half-precision maps (``measure.dtype`` bf16 / fp16) are iterated in float32 with autocast off,
     so that the ranking does not carry the rounding of 30 to 50 half-precision products, and
     because a bf16 vector-matrix product is 2x slower than fp32 on a CPU (Intel Xeon, AMX: 28.6 vs
-    14.1 ms for 30 iterations at batch 32; README, "Speed"). float32 and float64 maps are unchanged.
+    14.1 ms for 30 iterations at batch 32; docs/speed-batch32.md). float32 and float64 maps are unchanged.
     """
     batch, heads, n, _ = probs.shape
     dtype = torch.float32 if probs.dtype in HALF_TYPES else probs.dtype

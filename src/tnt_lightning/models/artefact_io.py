@@ -252,7 +252,7 @@ def _refusal(source: str, unsafe: list[str], trust_key: str | None) -> str:
         return text + "This framework never writes such a file: delete it and run again."
     return text + (
         f"If you trust the file (an official training checkpoint, say), set {trust_key}=true, or convert "
-        f"it once to a plain state dict or .safetensors (README, 'Backbones and weights')."
+        f"it once to a plain state dict or .safetensors (docs/getting-started.md#first-run)."
     )
 
 

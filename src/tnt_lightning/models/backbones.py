@@ -31,7 +31,8 @@ class WeightsUnavailableError(UserError, RuntimeError):
 
 @dataclass
 class PruningDefaults:
-    """Backbone-dependent defaults of the paper's schedules (METHODS.md 0.3, 1.3-1.5).
+    """Backbone-dependent defaults of the paper's schedules (docs/methods/conventions.md#block-numbering,
+    docs/methods/tnt.md).
 
     ``single_block``: block index of the single-layer location ("3rd layer" on DeiT = 2, the
     ViT/16 one block earlier). ``similarity_tokens``: s of TNT's and Zero-TP's single-layer
@@ -317,8 +318,9 @@ def _reachable(host: str, port: int, timeout_s: float) -> bool:
 def drop_distillation_token(model: VisionTransformer) -> VisionTransformer:
     """Turn a distilled DeiT into the CLS-only model the paper's EViT/DynamicViT GFLOPs imply.
 
-    In place: the DIST token, its position embedding and ``head_dist`` are removed (METHODS.md
-    4.3, 5.5). Only for ``paper_flops_compat`` accounting; the result is not a trained model.
+    In place: the DIST token, its position embedding and ``head_dist`` are removed
+    (docs/methods/evit.md#dist-token, docs/methods/dynamicvit.md#dist-token). Only for
+    ``paper_flops_compat`` accounting; the result is not a trained model.
     """
     if not isinstance(model, VisionTransformerDistilled):
         return model

@@ -1,10 +1,11 @@
-"""The TNT paper's tables as data (copied from the paper's appendix; see NOTES in the README).
+"""The TNT paper's tables as data (copied from the paper's appendix; docs/methods/flops.md#anchors).
 
 ``tnt_paper_results.csv``: one row per printed cell group (table, base_model, schedule, regime,
 setting, method, acc_top1, gflops, throughput_img_s, params), numbers as printed.
 :func:`overrides_for` turns a row into the run.py overrides that reproduce its setting; the
 GFLOPs anchors test and the paper sweeps both use it. ``anchor_exceptions.csv`` lists the printed
-GFLOPs that are known misprints or not reproducible, with the reason (METHODS.md 11.18, 12.2).
+GFLOPs that are known misprints or not reproducible, with the reason
+(docs/methods/flops.md#paper-misprints, docs/methods/flops.md#not-anchors).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def overrides_for(row: dict[str, str]) -> list[str] | None:
     if method in ("evit", "dynamicvit"):
         out.append("method.paper_flops_compat=true")
     if method == "tome" and row["base_model"] == "vit_b16_meanpool":
-        # the paper's ViT/16 ToMe matches on all D key channels (METHODS.md 6.4)
+        # the paper's ViT/16 ToMe matches on all D key channels (docs/methods/tome.md#flops)
         out.append("method.metric=keys")
     setting, params = row["setting"], row["params"]
     if method == "none":
@@ -80,7 +81,7 @@ def overrides_for(row: dict[str, str]) -> list[str] | None:
         else:
             return None
         if method == "evit" and row["base_model"] == "deit_base_distilled":
-            # the paper's DeiT-B EViT GFLOPs fit block 3 (METHODS.md 11.3)
+            # the paper's DeiT-B EViT GFLOPs fit block 3 (docs/methods/evit.md#single-layer-location)
             out.append("method.single_block=3")
         return out
     if params.startswith("Rate="):

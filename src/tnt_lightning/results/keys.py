@@ -1,7 +1,7 @@
 """``config_key``: which runs are the same experiment, whatever folder, machine or launcher ran them.
 
 The key is a hash of the part of the resolved config that can change a run's outcome. The rule,
-versioned by :data:`CONFIG_KEY_VERSION` (README, "Results"):
+versioned by :data:`CONFIG_KEY_VERSION` (docs/results-store.md):
 
 * left out, because they only say where or how a result is computed: ``paths``, ``logger``,
   ``hydra`` (launchers included), ``sweep_name``, ``tags``, ``skip_recorded``, ``verbose``,

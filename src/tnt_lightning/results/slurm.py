@@ -1,7 +1,7 @@
 """What a run knows about the SLURM job it runs in, and about the signals that ended it.
 
 Under ``hydra/launcher=slurm`` (src/hydra_plugins/tnt_lightning_slurm) a job can end early in
-three ways, measured against a real slurmctld (README, "Sweeps, SLURM and W&B"):
+three ways, measured against a real slurmctld (docs/slurm.md):
 
 * USR2 before the time limit (or a USR2 preemption): submitit calls the launcher's checkpoint
   hook (:func:`note_usr2`), runs ``scontrol requeue`` and raises ``SystemExit(-1)`` from its

@@ -1,7 +1,8 @@
 """Methods whose stage j keeps ``int(n0 * rho_j)`` of the *initial* n0 patches (Haurum et al.'s rule).
 
 Haurum et al.'s TokenReduction code gives every location a cumulative keep ratio relative to the
-initial patches: ``rho ** (j + 1)`` for a scalar keep rate rho, as DynamicViT does (METHODS.md 0.4).
+initial patches: ``rho ** (j + 1)`` for a scalar keep rate rho, as DynamicViT does
+(docs/methods/conventions.md#keep-count-rules).
 Per-location rates ``r_j`` (``schedule.rates``) give ``r_1 * ... * r_j``. Single-layer: one stage
 keeping ``int(n0 * K)``. Also: merging clusters into one token each, with their sources traced.
 """

@@ -1,4 +1,5 @@
-"""How many tokens survive, exactly as each official implementation computes it (METHODS.md 0.4).
+"""How many tokens survive, exactly as each official implementation computes it
+(docs/methods/conventions.md#keep-count-rules).
 
 These are deliberately not "fixed" with ``round`` or exact fractions: the official code truncates
 Python floats, so ``int(90 * 0.7) == 62``, and reproducing a paper's token counts (and GFLOPs)

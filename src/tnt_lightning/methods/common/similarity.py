@@ -2,7 +2,7 @@
 
 Both split the candidates into a group A (may be dropped) and a group B, and drop the ``r``
 members of A whose best cosine match in B is highest. They differ in the split: a random
-permutation shared by the batch (TNT, METHODS.md 1.5) or the importance order (Zero-TP, 7.3).
+permutation shared by the batch (TNT, docs/methods/tnt.md#rpsp) or the importance order (Zero-TP, 7.3).
 Functions return indices into the candidates, so callers can carry sizes and sources along.
 """
 

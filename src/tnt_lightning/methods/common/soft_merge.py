@@ -5,7 +5,7 @@ small trained module maps the n patch tokens to ``M = int(n0 * rho_j)`` output t
 assignment matrix ``W`` [B, M, n] (a softmax over the input tokens, or a transport plan), and the
 output tokens are ``W @ values`` [B, M, D]. What differs is how ``W`` and the values are made
 (``MergeStage.forward``). The prefix tokens pass unchanged. Stage j keeps ``int(n0 * rho_j)`` of the
-*initial* patches (Haurum's rule, docs/METHODS_EXTRA.md section 0), whatever n it receives.
+*initial* patches (Haurum's rule, docs/methods/conventions.md#haurum-rules), whatever n it receives.
 
 Token maps: every input patch belongs to the output token it gives the most weight, the argmax of
 ``W`` over the outputs (Haurum's ``viz_mode`` hard assignment); an output no patch prefers has an
@@ -13,7 +13,7 @@ empty source. Sizes are not tracked: the reference uses no proportional attentio
 
 Training (``lit/reduction.py``): the method's stages on the frozen backbone, cross-entropy on the
 pruned model's logits (soft targets under mixup). Haurum fine-tunes the whole DeiT together with
-the new modules (docs/METHODS_EXTRA.md section 7); the framework trains the modules only.
+the new modules (docs/methods/patchmerger.md#learned-merging-family); the framework trains the modules only.
 """
 
 from __future__ import annotations
