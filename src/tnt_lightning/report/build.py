@@ -86,8 +86,9 @@ def render_markdown(
         "framework-pretrained backbone's; n runs). "
         "Paper: the paper's table (T9 = Table 9) printing the same setting; Δ = ours - paper. The "
         "paper's throughput is from its GPU, shown for reference only. Speedup: over the unpruned "
-        "backbone timed in the same process, interleaved (docs/measuring.md#speedup); / GFLOPs ratio: that speedup "
-        "over base GFLOPs / GFLOPs (1 = the whole FLOP saving is speed). Front: on the Pareto front of "
+        "backbone timed in the same process, interleaved (docs/measuring.md#speedup), marked when "
+        "unreliable; / GFLOPs ratio: that speedup over base GFLOPs / GFLOPs (1 = the whole FLOP saving "
+        "is speed). Front: on the Pareto front of "
         "top-1 against GFLOPs (or throughput) across all methods of the table.",
     ]
     if not groups:
