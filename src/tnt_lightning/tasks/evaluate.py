@@ -79,6 +79,7 @@ def build_pruned_model(
     before any weights load (or a backbone is pretrained).
     Without labels (cost-only runs) learned methods stay untrained.
     """
+    torch.manual_seed(cfg.seed)  # model.weights=random: the run's seed draws them, so a rerun repeats
     model = create_model(spec)
     reducer, schedule = reducer_for(model, cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
     recorder.fields["schedule"] = schedule
