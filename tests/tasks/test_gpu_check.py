@@ -95,7 +95,7 @@ def test_the_tests_section_runs_the_gpu_tests_one_row_each(tmp_path):
     names = [r["name"] for r in rows]
     assert "test_gpu::test_throughput_synchronises_the_device_around_the_timed_passes" in names
     assert any(n.startswith("test_methods_extra::test_tnt_multi_layer_importance") for n in names)
-    assert any(n.startswith("test_bad_inputs::test_gpu_settings_are_accepted") for n in names)
+    assert any(n.startswith("test_cli_errors::test_gpu_settings_are_accepted") for n in names)
     expected = "ok" if HAS_CUDA else "skipped"
     assert {r["status"] for r in rows} == {expected}
 
