@@ -42,7 +42,9 @@ def readme_commands(program: str) -> list[tuple[str, list[str]]]:
     for document in DOCUMENTS:
         variables, in_bash = {}, False
         name = document.relative_to(ROOT)
-        for number, line in enumerate(document.read_text().splitlines(), 1):
+        # a shell line continued with a trailing backslash is one command
+        text = re.sub(r"\\\n\s*", " ", document.read_text())
+        for number, line in enumerate(text.splitlines(), 1):
             if line.startswith("```"):
                 in_bash, variables = line.strip() == "```bash", {}
                 continue
