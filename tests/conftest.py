@@ -25,12 +25,15 @@ def make_vit():
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests are skipped on a machine without CUDA (`make gpu-check` runs them)."""
-    if HAS_CUDA:
-        return
+    """``@pytest.mark.gpu`` tests are skipped on a machine without CUDA (`make gpu-check` runs them).
+
+    The tests of the session's ``default_run`` share one xdist worker (``make test`` runs two):
+    its real pretraining then happens once, while the other worker runs the rest."""
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
+        if "default_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("default_run"))
+        if not HAS_CUDA and item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
