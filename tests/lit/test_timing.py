@@ -58,3 +58,14 @@ def test_the_slow_side_is_the_bound_and_the_parts_add_up(slow):
     assert s["bound"] == slow and s["batches"] == BATCHES
     assert s[f"{slow}_s"] >= BATCHES * PAUSE_S
     assert s["data_s"] + s["model_s"] + s["overhead_s"] == pytest.approx(s["wall_s"], abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_model_time_is_the_devices_and_the_parts_add_up():
+    split = WallTimeSplit()
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = L.Trainer(accelerator="gpu", devices=1, callbacks=[split], **quiet)
+    trainer.test(SlowModel(PAUSE_S), dataloaders=DataLoader(SlowImages(0.0), batch_size=1), verbose=False)
+    s = split.split
+    assert s["batches"] == BATCHES and s["model_s"] > 0
+    assert s["data_s"] + s["model_s"] + s["overhead_s"] >= s["wall_s"] - 1e-3
