@@ -128,7 +128,16 @@ def softmax_with_policy(
     promoted to at least float32 (half-precision scores are cast to float32 before the max is
     subtracted; float64 stays float64), with :class:`PolicySoftmax`'s hand-written backward.
     ``official`` (default: whether :func:`official_rounding` is in force) runs
-    :func:`softmax_as_official` instead. ``policy``: [B, N, 1].
+    :func:`softmax_as_official` instead.
+
+    Args:
+        scores: [B, H, N, N] attention logits.
+        policy: [B, N, 1] keep decisions (1 kept, 0 masked out).
+        eps: keeps a row with every key masked finite (the official value).
+        official: force (or forbid) the official code's rounding; None: as set globally.
+
+    Returns:
+        The probabilities, [B, H, N, N], in the dtype of ``scores``.
     """
     if official_rounding_enabled() if official is None else official:
         return softmax_as_official(scores, policy, eps)
@@ -227,7 +236,21 @@ def attend(
     bias: Tensor | None = None,
     policy: Tensor | None = None,
 ) -> tuple[Tensor, AttentionInfo]:
-    """``attn(x)`` plus the probabilities/keys in ``needs``; ``bias`` is added to the logits."""
+    """``attn(x)`` plus the probabilities/keys in ``needs``; ``bias`` is added to the logits.
+
+    The fused kernel runs whenever nothing asks for the probabilities, so that a method pays for
+    an explicit attention map only where it reads one.
+
+    Args:
+        attn: a timm ``Attention`` module (its weights, heads and norms are used as they are).
+        x: [B, N, D] the block's normalised input.
+        needs: what to return besides the output; None: nothing.
+        bias: added to the attention logits (ToMe's ``log(size)``); broadcast to [B, H, N, N].
+        policy: [B, N, 1] DynamicViT's keep decisions during masked training, or None.
+
+    Returns:
+        The attention's output [B, N, D] (before the residual add) and what ``needs`` asked for.
+    """
     if getattr(attn, "gate", None) is not None:
         raise NotImplementedError("gated attention is not supported by the token-reduction engine")
     needs = needs or AttentionNeeds()
@@ -263,3 +286,49 @@ def attend(
         values=v if needs.values else None,
         cls_probs=cls_probs,
     )
+
+
+def attention_probs(attn: Attention, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The attention probabilities of ``attn`` on ``x``, from queries and keys only (no values, no
+    output): what a one-step-ahead method (MCTF) reads before it reduces the block's input.
+
+    Args:
+        attn: a timm ``Attention`` module.
+        x: [B, N, D] the block's normalised input.
+        bias: added to the logits (``log(size)``), broadcast to [B, H, N, N]; None: nothing.
+
+    Returns:
+        [B, H, N, N] probabilities.
+    """
+    B, N, _ = x.shape
+    width = attn.qkv.out_features // 3
+    qkv_bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * width]
+    qk = F.linear(x, attn.qkv.weight[: 2 * width], qkv_bias)
+    q, k = qk.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1)
+
+
+def attend_with_probs(attn: Attention, x: Tensor, probs: Tensor) -> Tensor:
+    """The output of ``attn`` on ``x`` with the probabilities given (values and output projection
+    only): a one-step-ahead method hands the reduced tokens' attention over.
+
+    Args:
+        attn: a timm ``Attention`` module.
+        x: [B, N, D] the block's normalised input.
+        probs: [B, H, N, N] the attention to apply.
+
+    Returns:
+        [B, N, D] the attention's output, before the residual add.
+    """
+    B, N, _ = x.shape
+    width = attn.qkv.out_features // 3
+    qkv_bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * width :]
+    v = F.linear(x, attn.qkv.weight[2 * width :], qkv_bias)
+    v = v.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    out = attn.attn_drop(probs) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    return attn.proj_drop(attn.proj(out))

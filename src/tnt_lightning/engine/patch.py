@@ -20,7 +20,13 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, official_rounding, official_rounding_enabled
+from .attention import (
+    attend,
+    attend_with_probs,
+    attention_probs,
+    official_rounding,
+    official_rounding_enabled,
+)
 from .reducer import AttentionInfo, AttentionNeeds, BackboneInfo, Location, Site, TokenReducer
 from .tokens import Tokens
 
@@ -28,6 +34,15 @@ T = TypeVar("T")
 
 
 def backbone_info(model: VisionTransformer) -> BackboneInfo:
+    """The facts about ``model`` that schedules and checks depend on, read from the model itself
+    (so that any timm ViT works, not only the configured ones).
+
+    Args:
+        model: a timm ``VisionTransformer``.
+
+    Returns:
+        Its depth, widths, prefix tokens, patches, CLS and DIST tokens and pooling.
+    """
     block = model.blocks[0]
     return BackboneInfo(
         depth=len(model.blocks),
@@ -82,20 +97,43 @@ class TokenReductionMixin:
     def _run_block(self, index: int, block: Block, tokens: Tokens, active: set[Location]) -> Tokens:
         inside, after = Location(Site.INSIDE, index), Location(Site.AFTER, index)
         needs = self.reducer.needs(index)
-        bias = None
-        if self.reducer.prop_attn and tokens.size is not None:
-            bias = tokens.size.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N]
-        if inside not in active and not needs and tokens.policy is None:
+        probs = None
+        if Location(Site.AHEAD, index) in active:
+            tokens, probs = self._reduce_ahead(index, block, tokens)
+        bias = self._size_bias(tokens)
+        if probs is None and inside not in active and not needs and tokens.policy is None:
             tokens = tokens.with_x(self._backbone_step(block, tokens.x, attn_mask=bias))
             return self._reduce(after, tokens, None) if after in active else tokens
 
-        x, attn = self._backbone_step(_attention_residual, block, tokens.x, needs, bias, tokens.policy)
+        if probs is None:
+            x, attn = self._backbone_step(_attention_residual, block, tokens.x, needs, bias, tokens.policy)
+        else:
+            x, attn = self._backbone_step(_given_attention_residual, block, tokens.x, probs), AttentionInfo()
         tokens = tokens.with_x(x)
         if inside in active:
             tokens = self._reduce(inside, tokens, attn)
         x = self._backbone_step(_mlp_residual, block, tokens.x)
         tokens = tokens.with_x(x)
         return self._reduce(after, tokens, attn) if after in active else tokens
+
+    def _size_bias(self, tokens: Tokens) -> Tensor | None:
+        """[B, 1, 1, N] ``log(size)`` for the attention logits (proportional attention), or None."""
+        if self.reducer.prop_attn and tokens.size is not None:
+            return tokens.size.log().transpose(1, 2).unsqueeze(1)
+        return None
+
+    def _reduce_ahead(self, index: int, block: Block, tokens: Tokens) -> tuple[Tokens, Tensor | None]:
+        """The method's step before block ``index``'s attention (``Site.AHEAD``): it gets the
+        block's probabilities on the tokens before the step in ``attn.probs`` and leaves there the
+        attention the block applies to the reduced tokens, or None for the block to compute it.
+
+        Returns:
+            The reduced tokens, and the probabilities to apply (or None).
+        """
+        probs = self._backbone_step(_attention_probs, block, tokens.x, self._size_bias(tokens))
+        given = AttentionInfo(probs=probs)
+        tokens = self._reduce(Location(Site.AHEAD, index), tokens, given)
+        return tokens, given.probs
 
     def _backbone_step(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, checkpointed when timm's ``set_grad_checkpointing`` asked for
@@ -146,6 +184,16 @@ def _attention_residual(
     return x + block.drop_path1(block.ls1(out)), attn
 
 
+def _attention_probs(block: Block, x: Tensor, bias: Tensor | None) -> Tensor:
+    """Block's attention probabilities on ``norm1(x)``, queries and keys only."""
+    return attention_probs(block.attn, block.norm1(x), bias)
+
+
+def _given_attention_residual(block: Block, x: Tensor, probs: Tensor) -> Tensor:
+    """``x + drop_path1(ls1(attn(norm1(x))))`` with the attention probabilities given."""
+    return x + block.drop_path1(block.ls1(attend_with_probs(block.attn, block.norm1(x), probs)))
+
+
 def _mlp_residual(block: Block, x: Tensor) -> Tensor:
     """timm's ``x + drop_path2(ls2(mlp(norm2(x))))``."""
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
@@ -163,7 +211,23 @@ def _reducing_class(cls: type) -> type:
 def apply_reducer(
     model: VisionTransformer, reducer: TokenReducer, trace_sources: bool = False
 ) -> VisionTransformer:
-    """Plug ``reducer`` into ``model`` in place (checking it against the backbone first)."""
+    """Plug ``reducer`` into ``model`` in place (checking it against the backbone first).
+
+    The model's weights and its class's own code stay; its class becomes a subclass with the
+    reducing forward, so that timm's methods and ``state_dict`` keys are unchanged.
+
+    Args:
+        model: a timm ``VisionTransformer`` (a DIST token already dropped where the method asks).
+        reducer: the method; bound here, so a method that cannot run on this backbone fails now.
+        trace_sources: record which patches every kept token stands for (``model.last_trace``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a timm ``VisionTransformer``.
+        ReductionError: the method cannot run on this backbone (the message says what would).
+    """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"token reduction needs a timm VisionTransformer, got {type(model).__name__}")
     reducer.bind(backbone_info(model))
@@ -177,7 +241,17 @@ def apply_reducer(
 
 
 def remove_reducer(model: VisionTransformer) -> TokenReducer:
-    """Undo :func:`apply_reducer`; returns the reducer."""
+    """Undo :func:`apply_reducer`: the model runs unpruned again, as its own class.
+
+    Args:
+        model: a model :func:`apply_reducer` changed.
+
+    Returns:
+        The reducer it had.
+
+    Raises:
+        ValueError: the model has no reducer.
+    """
     if not isinstance(model, TokenReductionMixin):
         raise ValueError("this model has no reducer")
     reducer = model.reducer

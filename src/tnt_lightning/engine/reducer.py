@@ -21,6 +21,10 @@ from .tokens import Tokens
 
 class Site(str, Enum):
     PRE = "pre"  # after patch and position embedding, before block 0
+    # inside block l, before its attention: the method reduces with block l's attention
+    # probabilities on the tokens before the step (one-step-ahead attention: MCTF), see
+    # TokenReductionMixin._reduce_ahead
+    AHEAD = "ahead"
     INSIDE = "inside"  # inside block l: after x + attn(norm1(x)), before the MLP
     AFTER = "after"  # after block l
 
@@ -31,6 +35,8 @@ class Location:
     block: int = -1
 
     def __str__(self) -> str:
+        if self.site is Site.AHEAD:
+            return f"inside block {self.block}, before its attention"
         return "before block 0" if self.site is Site.PRE else f"{self.site.value} block {self.block}"
 
 
@@ -107,7 +113,11 @@ class TokenReducer(nn.Module):
     def bind(self, info: BackboneInfo) -> None:
         """Check this method against the backbone and remember what it needs of it.
 
-        Raises :class:`ReductionError` with what was asked, why it cannot be done and what would.
+        Args:
+            info: the backbone's facts (:func:`~tnt_lightning.engine.backbone_info`).
+
+        Raises:
+            ReductionError: with what was asked, why it cannot be done and what would.
         """
         if self.requires_class_token and not info.has_class_token:
             from .registry import methods_without  # the registry imports this module
@@ -129,18 +139,50 @@ class TokenReducer(nn.Module):
     def from_schedule(
         cls, schedule: str, blocks: list[int], rates: list[float], info: BackboneInfo, **options
     ):
-        """The method for a resolved schedule: ``single``/``multi``, blocks, one keep rate per block."""
+        """The method for a resolved schedule (what ``method=... schedule=...`` builds).
+
+        Args:
+            schedule: ``single`` or ``multi``.
+            blocks: the blocks it acts at (after, inside or before them, as the method places itself).
+            rates: one keep rate per block of ``blocks``.
+            info: the backbone's facts, for counts that depend on its patches or depth.
+            **options (Any): the method's own options (its ``conf/method/<name>.yaml`` keys).
+
+        Returns:
+            method (TokenReducer): the method, not yet bound to a model.
+        """
         raise NotImplementedError
 
     def locations(self) -> list[Location]:
-        """Where the method acts in the current mode (``self.training`` may change it)."""
+        """Where the method acts in the current mode (``self.training`` may change it).
+
+        Returns:
+            The locations, in forward order; the engine calls :meth:`reduce` at each.
+        """
         raise NotImplementedError
 
     def needs(self, block: int) -> AttentionNeeds:
-        """What block ``block``'s attention must return for this method."""
+        """What block ``block``'s attention must return for this method.
+
+        Args:
+            block: a block index.
+
+        Returns:
+            What to return besides the output; nothing by default, so the fused kernel runs.
+        """
         return AttentionNeeds()
 
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
+        """The method's step: fewer (or merged) tokens at ``loc``.
+
+        Args:
+            loc: one of :meth:`locations`.
+            tokens: the token state there (prefix first).
+            attn: what the block's attention returned for :meth:`needs` (None before block 0).
+
+        Returns:
+            The token state the rest of the model runs on, prefix tokens first and unchanged.
+        """
         raise NotImplementedError
 
     def generator(self, device: torch.device) -> torch.Generator:

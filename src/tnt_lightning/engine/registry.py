@@ -120,6 +120,9 @@ def _load() -> None:
 def methods() -> list[MethodInfo]:
     """Every registered method, built-in and out-of-tree, in display order.
 
+    Returns:
+        Their registrations, sorted by ``order`` then name (the order of tables and plots).
+
     Raises:
         tnt_lightning.plugins.MethodPluginError: a declared out-of-tree module fails to import.
     """
@@ -128,12 +131,26 @@ def methods() -> list[MethodInfo]:
 
 
 def method_names() -> list[str]:
-    """The registered method names in display order (the baseline ``none`` not among them)."""
+    """The registered method names in display order (the baseline ``none`` not among them).
+
+    Returns:
+        The names, as ``method=`` takes them.
+    """
     return [m.name for m in methods()]
 
 
 def get_method(name: str) -> MethodInfo:
-    """The registration of ``name``; a ``KeyError`` naming the registered ones otherwise."""
+    """The registration of ``name``.
+
+    Args:
+        name: a method name (``method=`` option).
+
+    Returns:
+        Its registration.
+
+    Raises:
+        KeyError: no such method; the message names the registered ones.
+    """
     _load()
     if name not in _REGISTRY:
         raise KeyError(f"no method {name!r}; registered: {', '.join(method_names())}")
@@ -167,7 +184,12 @@ TABLE_COLUMNS = ("method", "kind", "operation", "needs", "keeps", "paper", "chec
 
 
 def method_table() -> list[dict[str, str]]:
-    """One row per method (keys :data:`TABLE_COLUMNS`), for the docs' method table and the CLI."""
+    """One row per method, for the docs' method table and the CLI (one source, so they agree).
+
+    Returns:
+        One dict per method in display order, keyed by ``TABLE_COLUMNS``: method, kind,
+        operation, needs, keeps, paper, checked against.
+    """
     return [
         {
             "method": m.name,

@@ -18,6 +18,13 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
 
     One ``index_select`` of whole rows from the flattened batch: the same copy as ``torch.gather``
     with an expanded index, which on a CPU is 5-10x slower (it reads an index per element).
+
+    Args:
+        x: [B, N, ...] rows per image (tokens, sizes, sources).
+        idx: [B, k] row indices per image, any order (the output keeps it).
+
+    Returns:
+        [B, k, ...]: image b's rows ``idx[b]``.
     """
     batch, n = x.shape[:2]
     offsets = torch.arange(batch, device=idx.device).view(batch, *([1] * (idx.dim() - 1))) * n
@@ -30,6 +37,13 @@ def complement(idx: Tensor, n: int) -> Tensor:
 
     A stable sort of the taken-mask rather than boolean indexing: the result's shape is known
     without looking at the data, so ``torch.compile`` traces it without a graph break.
+
+    Args:
+        idx: [B, k] distinct indices per image (the tokens taken).
+        n: how many indices there are (0..n-1).
+
+    Returns:
+        [B, n - k] the indices not taken, ascending: the tokens a method leaves over.
     """
     taken = torch.zeros(idx.shape[0], n, dtype=torch.uint8, device=idx.device).scatter_(1, idx, 1)
     return taken.sort(dim=1, stable=True).indices[:, : n - idx.shape[1]]
@@ -73,10 +87,20 @@ class Tokens:
         return self.x[:, : self.num_prefix]
 
     def with_x(self, x: Tensor) -> Tokens:
+        """The same state with new features ``x`` (same tokens, same order): what a method returns
+        after changing the features but not which tokens there are."""
         return replace(self, x=x)
 
     def keep(self, idx: Tensor) -> Tokens:
-        """Keep the non-prefix tokens ``idx`` ([B, k] indices into the patches), in that order."""
+        """Keep the non-prefix tokens ``idx`` ([B, k] indices into the patches), in that order.
+
+        Args:
+            idx: [B, k] indices into the non-prefix tokens, per image.
+
+        Returns:
+            New token state: the prefix, then the kept tokens, with their sizes, sources and
+            policy selected alike (so what the other methods track stays aligned).
+        """
         p = self.num_prefix
 
         def select(t: Tensor | None) -> Tensor | None:

@@ -73,6 +73,14 @@ def prune_with(
 ) -> tuple[VisionTransformer, dict[str, Any]]:
     """:func:`reducer_for` then :func:`attach`: the core both entry points share.
 
+    Args:
+        model: the backbone, pruned in place.
+        method: the ``method`` config node.
+        schedule: the ``schedule`` config node.
+        keep_rate: the keep rate.
+        pruning: the backbone's schedule defaults.
+        trace_sources: as in :func:`attach`.
+
     Returns:
         ``model`` with the method plugged in, and the resolved schedule's record.
     """
@@ -106,6 +114,15 @@ def pruned_model(
 def method_config(name: str, seed: int = 0, paper_flops_compat: bool = False, **options: Any) -> DictConfig:
     """Method ``name``'s config (its ``conf/method`` YAML, the project's or a declared plugin's) with
     ``options`` set, as a run composes it.
+
+    Args:
+        name: a registered method name.
+        seed: the run's ``seed`` (a method config may interpolate it).
+        paper_flops_compat: the run's ``paper_flops_compat`` (likewise).
+        **options: values for keys of the method's config.
+
+    Returns:
+        The ``method`` config node, as ``run.py method=<name> method.<key>=<value>`` composes it.
 
     Raises:
         KeyError: ``name`` is not a registered method.

@@ -389,7 +389,15 @@ def check_method(method: Method, checks: Iterable[str] | None = None) -> dict[st
 
 
 def assert_conforms(method: Method, check: str) -> None:
-    """A pytest body: raises :class:`CheckFailed` on ``fail``, skips with the reason on ``exempt``."""
+    """A pytest body: raises :class:`CheckFailed` on ``fail``, skips with the reason on ``exempt``.
+
+    Args:
+        method: a registered method name, or a :class:`TokenReducer` subclass.
+        check: a key of :data:`CHECKS`.
+
+    Raises:
+        CheckFailed: the method fails the check (the message says what and where).
+    """
     result = run_check(method, check)
     if result.status == "exempt":
         import pytest
@@ -419,7 +427,14 @@ def conformance_cases(methods: Iterable[str] | None = None) -> list[Any]:
 
 def markdown_table(results: dict[str, dict[str, CheckResult]]) -> str:
     """The kit's table: one row per method, one column per check (``pass``, ``exempt``, ``FAIL``),
-    then the exemptions' and failures' reasons as a list."""
+    then the exemptions' and failures' reasons as a list.
+
+    Args:
+        results: method -> :func:`check_method`'s result.
+
+    Returns:
+        The table and its legend in Markdown.
+    """
     checks = list(CHECKS)
     lines = ["| method | " + " | ".join(checks) + " |", "|---|" + "---|" * len(checks)]
     notes = []
