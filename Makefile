@@ -32,11 +32,11 @@ lock: ## Refresh requirements.txt: fresh venv, newest allowed releases, fast tes
 # The documentation site (mkdocs.yml, docs/). The docs extra is not part of `make install`: it is
 # installed here, at the lock's versions, the first time it is missing.
 docs: ## Build the documentation site in strict mode into build/site (a broken link or missing page fails)
-	@$(PYTHON) -c 'import mkdocs, material' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
+	@$(PYTHON) -c 'import mkdocs, material, mkdocstrings' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
 	$(PYTHON) -m mkdocs build --strict
 
 docs-serve: ## Serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
-	@$(PYTHON) -c 'import mkdocs, material' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
+	@$(PYTHON) -c 'import mkdocs, material, mkdocstrings' 2>/dev/null || $(PYTHON) -m pip install $(if $(LOCK),-c $(LOCK)) -e ".[docs]"
 	$(PYTHON) -m mkdocs serve
 
 check-data: ## Decode every image of a folder dataset and list the bad ones (DATA=/path/to/dataset)

@@ -7,6 +7,8 @@ What they do during every build, so that the generated parts cannot fall behind 
 * ``<!-- generated: config-groups -->`` becomes one section per config group of ``conf/``: every
   option file, its header comment, and a table of its keys with their defaults and comments;
 * ``<!-- generated: identity-table -->`` becomes ``results/identity.py``'s ``OUTCOME_TABLE``;
+* the API reference (``docs/api.md``, mkdocstrings) shows a docstring's Sphinx role
+  (``:func:`~.flops.token_trace```) as the name it points to;
 * every registered method is in the nav, and one without a hand-written ``docs/methods/<name>.md``
   gets a page made from its module's docstring and its registration (a new method is one module
   and one YAML, its docs page included);
@@ -303,7 +305,12 @@ def _collect(items, found: set[str]) -> None:
         _collect(item.children, found)
 
 
+# A Sphinx role in a docstring (":func:`x`", "~.module.x"), as mkdocstrings leaves it in the HTML.
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|data|mod|attr|exc):<code>~?\.?(?:[\w.]+\.)?([\w]+)</code>")
+
+
 def on_page_content(html, page, config, files):
+    html = SPHINX_ROLE.sub(r"<code>\1</code>", html)
     found: set[str] = set()
     _collect(page.toc.items, found)
     found.update(re.findall(r'id="([^"]+)"', html))
