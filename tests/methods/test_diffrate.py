@@ -164,3 +164,10 @@ def test_explicit_kept_numbers_count_the_cls_token_as_the_official_file():
     model = tl.prune(tiny_vit(), "diffrate", prune_kept=[17, 12, 9, 9], merge_kept=[15, 12, 7, 3])
     assert token_trace(model) == [(17, 15), (15, 12), (12, 7), (7, 3)]
     assert apply_reducer(tiny_vit(), DiffRate([16, 16, 16, 16], [16, 16, 16, 16])).reducer.locations() == []
+
+
+def test_the_record_keeps_the_keep_rate_only_when_it_chose_the_schedule():
+    chosen = tl.prune(deit_shaped(), "diffrate", keep_rate=0.5).reducer.resolved_schedule()
+    assert chosen["rates"] == [0.5] * 12 and chosen["released"] in RELEASED
+    named = tl.prune(deit_shaped(), "diffrate", released="deit_b_8.7g").reducer.resolved_schedule()
+    assert named["rates"] is None and named["released"] == "deit_b_8.7g"

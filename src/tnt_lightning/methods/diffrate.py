@@ -317,6 +317,7 @@ class DiffRate(TokenReducer):
         prop_attn: bool = True,
         merge_mean: str = "official",
         size_update: str = "similarity",
+        chosen_by: float | None = None,
         seed: int = 0,
     ) -> None:
         """Args:
@@ -326,6 +327,7 @@ class DiffRate(TokenReducer):
         prop_attn: add ``log(size)`` to later blocks' attention logits (official).
         merge_mean: ``official`` (plain mean of a destination and its sources) or ``size``.
         size_update: ``similarity`` (official: sources' sizes times their similarity) or ``count``.
+        chosen_by: the keep rate that chose ``released`` (None: named or given).
         seed: unused (no random draws); kept for the common signature.
         """
         super().__init__(seed=seed)
@@ -341,6 +343,7 @@ class DiffRate(TokenReducer):
         self.prune_kept = [int(v) for v in prune_kept]
         self.merge_kept = [int(v) for v in merge_kept]
         self.released = released
+        self.chosen_by = chosen_by
         self.prop_attn = prop_attn
         self.merge_mean = merge_mean
         self.size_update = size_update
@@ -367,14 +370,18 @@ class DiffRate(TokenReducer):
         if prune_kept is not None:
             counts = [int(v) - 1 for v in prune_kept], [int(v) - 1 for v in merge_kept]
             return cls(*counts, released=None, **options)
-        name = released if released is not None else released_for_rate(rates[0], info)
-        return cls(*patch_counts(name, info.num_patches), released=name, **options)
+        if released is not None:
+            return cls(*patch_counts(released, info.num_patches), released=released, **options)
+        name = released_for_rate(rates[0], info)
+        return cls(*patch_counts(name, info.num_patches), released=name, chosen_by=rates[0], **options)
 
     def resolved_schedule(self) -> dict[str, Any]:
-        """Every block, the released schedule's name and its kept numbers counting the CLS token."""
+        """Every block, the released schedule's name and its kept numbers counting the CLS token;
+        the keep rate at every block when it chose the schedule, else no rates."""
+        depth = len(self.prune_kept)
         return {
-            "blocks": list(range(len(self.prune_kept))),
-            "rates": None,
+            "blocks": list(range(depth)),
+            "rates": None if self.chosen_by is None else [self.chosen_by] * depth,
             "released": self.released,
             "prune_kept": [k + 1 for k in self.prune_kept],
             "merge_kept": [k + 1 for k in self.merge_kept],
