@@ -54,7 +54,7 @@ def agglomerate(distances: Tensor, clusters: int, linkage: str = "average") -> T
     """Agglomerative clustering of each image's points into ``clusters`` clusters.
 
     Args:
-        distances: [B, n, n] symmetric distances (the diagonal is ignored).
+        distances: [B, n, n] distances; the upper triangle is read (i < j), as scipy reads it.
         clusters: how many clusters to stop at (1 <= clusters <= n).
         linkage: ``single``, ``complete`` or ``average``.
 
@@ -64,15 +64,20 @@ def agglomerate(distances: Tensor, clusters: int, linkage: str = "average") -> T
     if linkage not in LINKAGES:
         raise ReductionError(f"method.linkage={linkage!r} is not one of {list(LINKAGES)}")
     batch, n = distances.shape[:2]
-    d = distances.clone()
+    # The upper triangle mirrored, as scikit-learn and scipy read it: a matrix product need not be
+    # symmetric to the last bit, and the first closest pair must have i < j.
+    upper = distances.triu(diagonal=1)
+    d = upper + upper.transpose(1, 2)
     d.diagonal(dim1=1, dim2=2).fill_(torch.inf)
     size = d.new_ones(batch, n)
     # Each point's cluster, named by the row holding it: the cluster's smallest member.
     owner = torch.arange(n, device=d.device).expand(batch, n).clone()
     rows = torch.arange(batch, device=d.device)
     for _ in range(n - clusters):
-        flat = d.view(batch, n * n).argmin(dim=1)  # the first closest pair, i < j
-        kept, gone = flat // n, flat % n
+        # The first closest pair in row-major order (i < j), as a flat argmin would find it: the
+        # first row holding the minimum, then its first column (a row minimum is much cheaper).
+        kept = d.amin(dim=2).argmin(dim=1)
+        gone = d[rows, kept].argmin(dim=1)
         near_kept, near_gone = d[rows, kept], d[rows, gone]  # [B, n]
         if linkage == "single":
             joined = torch.minimum(near_kept, near_gone)
