@@ -11,7 +11,8 @@ many tokens with no selection work at all, against which a method's ratio is to 
 ``--set`` times a variant: Hydra overrides applied to every method's model, never to the base
 (``--methods zerotp --set 'method.iterations_multi=[1,1,1,1,1]'``: Zero-TP without most of its
 PageRank). Writes ``bench.md``, ``bench.json`` and ``speedup_vs_gflops.png`` to ``--out``, and
-prints the machine, the protocol and the table.
+prints the machine, the protocol and the table. Both JSON files record the command, the commit
+and the machine (``protocol``), which the docs' results pages show beside the numbers.
 
     python -m tnt_lightning.measure.bench --model deit_small_distilled --keep-rate 0.5
 
@@ -31,6 +32,10 @@ import copy
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +69,7 @@ COLUMNS = [
     "speedup / ratio",
 ]
 # Fractions of the patches a plain model keeps in every block (the ceiling rows): the speed the
-# machine's kernels give for that many tokens with no selection work (docs/speed-batch32.md).
+# machine's kernels give for that many tokens with no selection work (docs/design-notes.md#ceiling).
 CEILING_KEEP = (0.75, 0.5, 0.35)
 # The batch-size sweep's defaults (``--sweep``) where an option is not given: on a CPU DeiT-T and
 # five methods of different kinds (DeiT-S with every method and batch 128 takes hours on 2 cores);
@@ -101,7 +106,7 @@ SWEEP_DEFAULTS = {
         "token_batch_sizes": "1",
     },
 }
-# Without --sweep: DeiT-S, every method, batch 32 (the table of docs/speed-batch32.md).
+# Without --sweep: DeiT-S, every method, batch 32 (bench.md; docs/design-notes.md#ceiling).
 SINGLE_DEFAULTS = {"model": "deit_small_distilled", "methods": ",".join(METHODS), "warmup": 1}
 # One graph: the whole forward compiled; each graph break adds one (and runs eager between them).
 COMPILE_COLUMNS = ["compile s", "graphs"]
@@ -135,6 +140,40 @@ def first_tokens(model: torch.nn.Module, patches: int) -> torch.nn.Module:
 
 def _first_sentence(error: Exception) -> str:
     return str(error).split(": ", 1)[-1].split(". ")[0]
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command as typed, to be shown beside its numbers: ``OMP_NUM_THREADS`` (it sets the
+    threads) and the arguments after the module."""
+    args = sys.argv[1:] if argv is None else argv
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return prefix + shlex.join(["python", "-m", "tnt_lightning.measure.bench", *args])
+
+
+def code_revision() -> str | None:
+    """The clone's commit, ``-dirty`` with uncommitted changes to tracked files; None outside a
+    clone (an installed wheel) or without git."""
+    from ..config import source_root
+
+    root = source_root()
+    if root is None:
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def load_average() -> str:
@@ -295,6 +334,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-token-table", dest="token_table", action="store_false", help="skip the latency-vs-tokens table"
     )
     args = parser.parse_args(argv)
+    args.command = command_line(argv)
     args.sweep = args.sweep or args.quick or args.batch_sizes is not None
     if args.sweep:
         defaults = SWEEP_DEFAULTS[
@@ -347,6 +387,10 @@ def setup(
     check_overrides(common, runs)
     spec = instantiate(compose_config(common).model)
     machine = {
+        # what produced the numbers, for the results pages (python -m tnt_lightning.report.pages)
+        "command": getattr(args, "command", None),
+        "commit": code_revision(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "compile": args.compile,
         "device": device_name(device),
