@@ -1,6 +1,6 @@
 """Our ToMe, EViT (and Top-K: EViT without the fused token), DynamicViT and TNT against the official
-code, timed in one process (docs/speed-batch32.md). Opt-in: it imports the official repositories from
-the paths given, which are never part of this repository.
+code, timed in one process (docs/design-notes.md#official-speed). Opt-in: it imports the official
+repositories from the paths given, which are never part of this repository.
 
 For each method, both models get the same weights (a seeded random DeiT-S, the official model
 loading ours), the same batch and threads; their logits are compared on a small batch, then they

@@ -5,7 +5,7 @@ moves by itself), so the next allocation of that size faults its pages in again,
 training or timing loop frees and reallocates the same large activations every pass; in a long
 process, such as a sweep whose jobs all run in one (Hydra's basic launcher), this grew with the
 process's age: the embedded study's sweep process spent a third of its CPU time in the kernel at
-about 195 000 minor page faults a second (docs/study.md). With the mmap threshold fixed
+about 195 000 minor page faults a second (docs/design-notes.md#memory). With the mmap threshold fixed
 at glibc's maximum and no trimming, freed memory stays in the process and is reused, as PyTorch's
 own allocator does on GPUs; the process keeps its peak footprint. ``TNT_MALLOC=default`` leaves
 glibc's behaviour; elsewhere (macOS, musl) this is a no-op.

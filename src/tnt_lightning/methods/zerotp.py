@@ -59,7 +59,8 @@ def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
     Half-precision maps (``measure.dtype`` bf16 / fp16) are iterated in float32 with autocast off,
     so that the ranking does not carry the rounding of 30 to 50 half-precision products, and
     because a bf16 vector-matrix product is 2x slower than fp32 on a CPU (Intel Xeon, AMX: 28.6 vs
-    14.1 ms for 30 iterations at batch 32; docs/speed-batch32.md). float32 and float64 maps are unchanged.
+    14.1 ms for 30 iterations at batch 32; docs/design-notes.md#zerotp-pagerank). float32 and float64
+    maps are unchanged.
     """
     batch, heads, n, _ = probs.shape
     dtype = torch.float32 if probs.dtype in HALF_TYPES else probs.dtype

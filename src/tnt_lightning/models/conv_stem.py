@@ -4,8 +4,8 @@ convolutions help transformers see better").
 The small embedded-study backbones (``vit_cmnist``) learn far faster with it: a linear 4 x 4 patch
 embedding of a 12-block, 32-wide ViT sits on the chance plateau for hundreds of steps on 196
 tokens of mostly blank or cluttered canvas, a stack of 3 x 3 convolutions does not
-(docs/study.md). The stem still ends on the same grid (one token per ``patch_size`` x ``patch_size``
-patch), so every method sees the tokens it would see on DeiT.
+(docs/design-notes.md#backbone). The stem still ends on the same grid (one token per
+``patch_size`` x ``patch_size`` patch), so every method sees the tokens it would see on DeiT.
 
 It is a timm ``PatchEmbed`` whose ``proj`` is the convolution stack, passed to an unmodified timm
 ``VisionTransformer`` as ``embed_layer``; the engine and the FLOP counter see it as any other

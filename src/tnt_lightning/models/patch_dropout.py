@@ -4,7 +4,7 @@ timm's ``PatchDropout`` (FLIP) keeps a fixed share of the patches, chosen unifor
 always holds the image's usual mix of object and background. A token-reduction method does the
 opposite at low keep rates: it keeps the object and drops the background. On the embedded study's
 canvases (three quarters of the patches blank) a backbone pretrained with uniform patch dropout
-classifies a random 30 % of its tokens better than the digit's own patches (docs/study.md): it
+classifies a random 30 % of its tokens better than the digit's own patches (docs/design-notes.md#backbone): it
 never saw a token set without its usual mass of blank tokens. An ImageNet backbone has seen such
 sets, since RandomResizedCrop varies how much of each photo is background.
 
