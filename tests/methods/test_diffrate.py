@@ -21,6 +21,7 @@ from tnt_lightning.measure.flops import count_macs, token_trace
 from tnt_lightning.methods.diffrate import (
     RELEASED,
     DiffRate,
+    candidates,
     patch_counts,
     rate_equivalent,
     released_for_rate,
@@ -171,3 +172,11 @@ def test_the_record_keeps_the_keep_rate_only_when_it_chose_the_schedule():
     assert chosen["rates"] == [0.5] * 12 and chosen["released"] in RELEASED
     named = tl.prune(deit_shaped(), "diffrate", released="deit_b_8.7g").reducer.resolved_schedule()
     assert named["rates"] is None and named["released"] == "deit_b_8.7g"
+
+
+def test_another_backbone_chooses_among_the_schedules_of_its_depth_and_pooling():
+    narrow = backbone_info(deit_shaped())  # 12 blocks, CLS-pooled, width 48: no released model's shape
+    assert candidates(narrow) == [name for name in RELEASED if name.startswith("deit_")]
+    assert candidates(backbone_info(tiny_vit(img=224, patch=16, depth=24))) == [
+        name for name in RELEASED if name.startswith("mae_l_")
+    ]

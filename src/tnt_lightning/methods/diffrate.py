@@ -263,11 +263,16 @@ def rate_equivalent(prune: Sequence[int], merge: Sequence[int], info: BackboneIn
 
 def candidates(info: BackboneInfo) -> list[str]:
     """The released schedules a keep rate chooses among on ``info``'s backbone: its own model's
-    when its shape is one of :data:`FAMILIES`, else every released schedule of its depth."""
-    family = FAMILIES.get((info.depth, info.embed_dim, info.num_patches, info.global_pool == "token"))
+    when its shape is one of :data:`FAMILIES`, else those of its depth searched for a model pooled
+    as it is (by the CLS token: DeiT's; by the mean: MAE's), else any of its depth."""
+    by_token = info.global_pool == "token"
+    family = FAMILIES.get((info.depth, info.embed_dim, info.num_patches, by_token))
     if family is not None:
         return [name for name in RELEASED if name.startswith(family + "_")]
-    return [name for name, (_, prune, _) in RELEASED.items() if len(prune) == info.depth]
+    pooled = {name: key[3] for key, name in FAMILIES.items()}
+    deep = [name for name, (_, prune, _) in RELEASED.items() if len(prune) == info.depth]
+    alike = [name for name in deep if pooled[name.rsplit("_", 1)[0]] == by_token]
+    return alike or deep
 
 
 def released_for_rate(keep_rate: float, info: BackboneInfo) -> str:
