@@ -107,7 +107,7 @@ def _record(method: str, keep_rate: float, seed: int, acc1: float, gflops: float
         "seed": seed,
         "sweep_name": "cmnist_study",
         "metrics": {"acc1": acc1, "acc5": 99.0, "gflops": gflops},
-        "details": {"weights": "pretrain"},
+        "details": {"weights": "pretrain", "throughput": {"device": "AMD EPYC", "threads": 2}},
         "duration_s": 30.0,
         "config": {
             "task": "eval",
@@ -142,5 +142,5 @@ def test_study_data_carries_the_reports_tables_and_the_runs_provenance(tmp_path)
         == 0
     )
     text = pages.render("study", "results/data/cmnist_study.json", tmp_path / "docs")
-    assert "Produced by `make study`" in text and "`abc123`" in text
+    assert "Produced by `make study`" in text and "`abc123`" in text and "AMD EPYC" in text
     assert data["tables"][0]["table"] in text

@@ -237,6 +237,11 @@ def study_commands(path: str) -> list[str]:
     ]
 
 
+def _device(record: dict[str, Any]) -> str:
+    timed = ((record.get("details") or {}).get("throughput") or {}).get("device")
+    return str(timed or (record.get("env") or {}).get("device"))
+
+
 def study_data(
     results_dir: str | Path,
     command: str,
@@ -273,7 +278,8 @@ def study_data(
         "runs": len(ok),
         "failed": len(failed),
         "commits": sorted({str(e.get("git_commit")) for e in env}),
-        "devices": sorted({str(e.get("device")) for e in env}),
+        # the CPU's model or the GPU's name where the run timed its throughput, else the device
+        "devices": sorted({_device(r) for r in ok}),
         "threads": sorted({int(e.get("threads") or 0) for e in env}),
         "torch": sorted({str(e.get("torch")) for e in env}),
         "first": stamps[0] if stamps else None,
