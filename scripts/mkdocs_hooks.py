@@ -7,6 +7,8 @@ What they do during every build, so that the generated parts cannot fall behind 
 * ``<!-- generated: config-groups -->`` becomes one section per config group of ``conf/``: every
   option file, its header comment, and a table of its keys with their defaults and comments;
 * ``<!-- generated: identity-table -->`` becomes ``results/identity.py``'s ``OUTCOME_TABLE``;
+* a results page's generated sections (``<!-- results: ... -->``) must equal what
+  ``python -m tnt_lightning.report.pages`` makes of their data, or the build fails;
 * the API reference (``docs/api.md``, mkdocstrings) shows a docstring's Sphinx role
   (``:func:`~.flops.token_trace```) as the name it points to;
 * every registered method is in the nav, and one without a hand-written ``docs/methods/<name>.md``
@@ -282,6 +284,14 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
+    if "<!-- results: " in markdown:
+        from tnt_lightning.report.pages import refresh
+
+        if refresh(markdown, DOCS) != markdown:
+            raise PluginError(
+                f"docs/{page.file.src_uri}: a generated results section differs from its data "
+                "(a hand edit?); `python -m tnt_lightning.report.pages` rewrites it"
+            )
     depth = page.file.src_uri.count("/")
     for optional in OPTIONAL_PAGES:
         if not (DOCS / optional).exists():
