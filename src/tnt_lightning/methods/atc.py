@@ -119,7 +119,7 @@ def merge(tokens: Tokens, labels: Tensor, clusters: int, weighted: bool) -> Toke
     keep_rule="int(n0*rho^j) clusters",
     paper="Haurum et al., ATC, ECCV 2024",
     reference="official ATC (JoakimHaurum/ATC)",
-    order=19,
+    order=23,
     colour="#843c39",
 )
 class ATC(AbsoluteStages):
