@@ -6,7 +6,11 @@
 * :func:`match_budget` finds, per method, the keep rate whose exact GFLOPs just fit a target, so
   methods can be compared at equal cost instead of at hand-tuned rates.
 
-Command line: ``python -m tnt_lightning.report --help`` (and ``... report budget --help``).
+* :mod:`.pages` writes the docs site's results pages from committed result data (the bench's JSON,
+  the study's report tables), with the command, commit and machine that produced it.
+
+Command line: ``python -m tnt_lightning.report --help`` (and ``... report budget --help``,
+``python -m tnt_lightning.report.pages --help``).
 """
 
 from .budget import BudgetMatch, format_matches, match_budget
