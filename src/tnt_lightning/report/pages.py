@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tnt_lightning.report.pages",
         description="Rewrite (or --check) the generated sections of the docs' results pages from their data.",
+        epilog="`python -m tnt_lightning.report.pages study-data --help`: a study's data file.",
     )
     parser.add_argument("pages", nargs="*", type=Path, help="default: every page under --docs with a section")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="the docs folder (%(default)s)")
