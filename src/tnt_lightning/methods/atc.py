@@ -147,7 +147,8 @@ class ATC(AbsoluteStages):
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
         k = min(self.counts[self.stage(loc)], tokens.n)
         metric = attn.keys.mean(dim=1)[:, tokens.num_prefix :]
-        labels = agglomerate(cosine_distances(metric), k, self.linkage)
+        with torch.no_grad():  # the clusters are a choice, not a function to differentiate
+            labels = agglomerate(cosine_distances(metric), k, self.linkage)
         self.labels[loc] = labels
         return merge(tokens, labels, k, self.prop_attn)
 
