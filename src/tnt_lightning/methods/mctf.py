@@ -57,7 +57,6 @@ from ..engine import (
     Site,
     TokenReducer,
     Tokens,
-    gather_rows,
 )
 from ..engine.registry import register_method
 from .common.keep import tome_single_layer_r
@@ -182,35 +181,62 @@ def match(weight: Tensor, r: int, num_prefix: int, bidirectional: bool) -> Match
     return Matching(kept_a, src_a, dst_b, kept_b, src_b, best_a.gather(1, src_b), num_prefix)
 
 
-def combine(t: Tensor, matching: Matching, mode: str, dim: int = 1) -> Tensor:
-    """Fuse ``t`` along its token dimension ``dim`` as ``matching`` says (``mode``: sum or amax).
+def destinations(matching: Matching) -> Tensor:
+    """[B, N] the output position of every input token, in the official order (kept A, then kept
+    B; with a DIST token ``[CLS, DIST, other kept A, other kept B]``), fused tokens at the position
+    of the token they end in (an A token fused into a B token that itself fused into an A token
+    ends there).
 
     Args:
-        t: a tensor with the tokens along ``dim`` (features, sizes, attention rows or columns).
         matching: from :func:`match`.
-        mode: ``scatter_reduce``'s reduction of the fused tokens into their destination.
+
+    Returns:
+        The positions, in ``0 .. N - r - 1``.
+    """
+    kept_a, kept_b = matching.kept_a, matching.kept_b
+    batch, ka, kb = kept_a.shape[0], kept_a.shape[1], kept_b.shape[1]
+    na, nb = ka + matching.src_a.shape[1], kb + matching.src_b.shape[1]
+    pos_a = torch.arange(ka, device=kept_a.device).expand(batch, ka)
+    pos_b = torch.arange(ka, ka + kb, device=kept_a.device).expand(batch, kb)
+    if matching.num_prefix == 2:
+        pos_a = pos_a + (pos_a > 0).to(pos_a.dtype)
+        pos_b = torch.where(pos_b == ka, 1, pos_b)
+    to_b = kept_b.new_empty(batch, nb).scatter_(1, kept_b, pos_b)
+    to_b.scatter_(1, matching.src_b, pos_a.gather(1, matching.dst_a))
+    to_a = kept_a.new_empty(batch, na).scatter_(1, kept_a, pos_a)
+    to_a.scatter_(1, matching.src_a, to_b.gather(1, matching.dst_b))
+    dest = to_a.new_empty(batch, na + nb)
+    dest[:, ::2], dest[:, 1::2] = to_a, to_b
+    return dest
+
+
+def combine(t: Tensor, dest: Tensor, count: int, mode: str, dim: int = 1) -> Tensor:
+    """Sum (``mode="sum"``) or maximum (``"amax"``) of the tokens of ``t`` along ``dim`` that go to
+    each of ``count`` output positions ``dest`` [B, N].
+
+    Args:
+        t: tokens along ``dim`` (features, sizes, attention rows or columns), images along dim 0.
+        dest: from :func:`destinations`.
+        count: the tokens after the step.
+        mode: ``sum`` or ``amax``.
         dim: the token dimension.
 
     Returns:
-        ``t`` with the fused token count along ``dim``, prefix tokens first.
+        ``t`` with ``count`` tokens along ``dim``.
     """
-    t = t.movedim(dim, 1)
-    trailing = t.shape[2:]
-
-    def index(idx: Tensor) -> Tensor:
-        return idx.view(*idx.shape, *([1] * len(trailing))).expand(*idx.shape, *trailing)
-
-    a, b = t[:, ::2], t[:, 1::2]
-    b = b.scatter_reduce(1, index(matching.dst_b), gather_rows(a, matching.src_a), reduce=mode)
-    kept_a = gather_rows(a, matching.kept_a)
-    if matching.src_b.shape[1]:
-        kept_a = kept_a.scatter_reduce(1, index(matching.dst_a), gather_rows(b, matching.src_b), reduce=mode)
-    kept_b = gather_rows(b, matching.kept_b)
-    if matching.num_prefix == 2:  # [CLS, DIST, other kept A, other kept B]
-        out = torch.cat([kept_a[:, :1], kept_b[:, :1], kept_a[:, 1:], kept_b[:, 1:]], dim=1)
-    else:
-        out = torch.cat([kept_a, kept_b], dim=1)
-    return out.movedim(1, dim)
+    shape = list(t.shape)
+    shape[dim] = count
+    if dim == 1 and mode == "sum":  # whole rows: one index per row of the flattened batch
+        batch, n = t.shape[:2]
+        flat = (dest + torch.arange(batch, device=dest.device)[:, None] * count).reshape(-1)
+        out = t.new_zeros(batch * count, *shape[2:]).index_add_(0, flat, t.reshape(batch * n, *shape[2:]))
+        return out.view(shape)
+    view = [1] * t.dim()
+    view[0], view[dim] = dest.shape
+    index = dest.view(view).expand_as(t)
+    if mode == "sum":
+        return t.new_zeros(shape).scatter_add_(dim, index, t)
+    return t.new_zeros(shape).scatter_reduce_(dim, index, t, reduce=mode, include_self=False)
 
 
 def fuse(
@@ -230,38 +256,43 @@ def fuse(
     """
     x = tokens.x
     size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
-    columns = combine(probs, matching, "sum", dim=3) if fuse_attention else None
+    dest = destinations(matching)
+    count = matching.kept_a.shape[1] + matching.kept_b.shape[1]
+
+    def pooled(t: Tensor, mode: str = "sum", dim: int = 1) -> Tensor:
+        return combine(t, dest, count, mode, dim)
+
+    columns = pooled(probs, dim=3) if fuse_attention else None
     attention = None
     with torch.no_grad():
-        new_size = combine(size, matching, "sum")
+        new_size = pooled(size)
     if pooling == "attention":
         with torch.no_grad():
             received = probs.mean(dim=(1, 2))[..., None]  # [B, N, 1]
             share = size / size.amax(dim=1, keepdim=True)
-            norm = combine(received * share, matching, "sum")
+            norm = pooled(received * share)
         if columns is not None:
-            rows = columns * received[:, None] * share[:, None]
-            attention = combine(rows, matching, "sum", dim=2) / norm[:, None]
-        x = combine(x * received * share, matching, "sum") / norm
+            attention = pooled(columns * received[:, None] * share[:, None], dim=2) / norm[:, None]
+        x = pooled(x * received * share) / norm
     elif pooling == "size":
         if columns is not None:
-            attention = combine(columns * size[:, None], matching, "sum", dim=2) / new_size[:, None]
-        x = combine(x * size, matching, "sum") / new_size
+            attention = pooled(columns * size[:, None], dim=2) / new_size[:, None]
+        x = pooled(x * size) / new_size
     elif pooling == "max":
         if columns is not None:
-            attention = combine(columns, matching, "amax", dim=2)
-        x = combine(x, matching, "amax")
+            attention = pooled(columns, "amax", dim=2)
+        x = pooled(x, "amax")
     else:  # mean: every fused token counts once, whatever its size
         with torch.no_grad():
-            count = combine(torch.ones_like(size), matching, "sum")
+            fused_count = pooled(torch.ones_like(size))
         if columns is not None:
-            attention = combine(columns, matching, "sum", dim=2) / count[:, None]
-        x = combine(x, matching, "sum") / count
+            attention = pooled(columns, dim=2) / fused_count[:, None]
+        x = pooled(x) / fused_count
     p = tokens.num_prefix
     x = torch.cat([tokens.x[:, :p], x[:, p:]], dim=1)  # x * w / w: the prefix as it came, not an ulp off
     source = None
     if tokens.source is not None:
-        source = combine(tokens.source.to(x.dtype), matching, "amax").bool()
+        source = pooled(tokens.source.to(x.dtype), "amax").bool()
     return Tokens(x, p, size=new_size, source=source), attention
 
 
