@@ -85,7 +85,7 @@ def build_pruned_model(
     recorder.fields["schedule"] = schedule
     if schedule["name"] != "none" and schedule.get("rates") is None:  # driven by its own knob (ToMe's r)
         recorder.fields["keep_rate"] = None
-    learned = isinstance(reducer, LearnedReducer) and has_labels
+    learned = isinstance(reducer, LearnedReducer) and reducer.needs_training() and has_labels
     given = None
     if learned:
         given = load_given_trained(cfg, spec, reducer)
@@ -98,7 +98,7 @@ def build_pruned_model(
             load_given_trained(cfg, spec, reducer, model)
         provided = given or provide_trained(cfg, spec, reducer, extra, trainer_for(cfg, spec, loggers), model)
         recorder.details["method_weights"] = provided
-    elif isinstance(reducer, LearnedReducer):
+    elif isinstance(reducer, LearnedReducer) and reducer.needs_training():
         recorder.details["method_weights"] = "untrained (cost-only run)"
     return attach(model, reducer, trace_sources)  # weights first: a CLS-only backbone drops DIST
 

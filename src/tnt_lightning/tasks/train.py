@@ -227,7 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model = create_model(spec)
         reducer, schedule = reducer_for(model, cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
         recorder.fields["schedule"] = schedule
-        if not isinstance(reducer, LearnedReducer):
+        if not isinstance(reducer, LearnedReducer) or not reducer.needs_training():
             raise ConfigError(
                 f"method={cfg.method.name} has nothing to train; task=train is for "
                 f"{', '.join(learned_methods())}"

@@ -57,6 +57,11 @@ class LearnedReducer(TokenReducer):
         being fine-tuned; None: ``model`` run unpruned is the teacher (its backbone is frozen)."""
         raise NotImplementedError
 
+    def needs_training(self) -> bool:
+        """Whether this configuration has parameters to train (DiffRate: only its search; a released
+        schedule runs as it is)."""
+        return True
+
     def check_trainable(self) -> None:
         """Raise if the trained parameters cannot serve the configured evaluation."""
 
