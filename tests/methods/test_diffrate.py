@@ -8,12 +8,15 @@ size times that similarity added to its size; the released schedules give the of
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tnt_lightning as tl
-from helpers import tiny_vit
+from helpers import run_py, tiny_vit
 from tnt_lightning.engine import AttentionInfo, Location, ReductionError, Site, Tokens, apply_reducer
 from tnt_lightning.engine.patch import backbone_info
 from tnt_lightning.measure import analytic
@@ -180,3 +183,123 @@ def test_another_backbone_chooses_among_the_schedules_of_its_depth_and_pooling()
     assert candidates(backbone_info(tiny_vit(img=224, patch=16, depth=24))) == [
         name for name in RELEASED if name.startswith("mae_l_")
     ]
+
+
+# -- the search (method.released=search, task=train) ------------------------------------------------
+
+
+def only(candidate: int, count: int) -> torch.Tensor:
+    """Search logits that put all probability on candidate index ``candidate`` of ``count``."""
+    logits = torch.full((count,), -math.inf, dtype=torch.float64)
+    logits[candidate] = 0.0
+    return logits
+
+
+def test_only_a_search_trains_and_its_schedule_comes_from_its_parameters():
+    released = tl.prune(deit_shaped(), "diffrate", released="deit_s_2.9g").reducer
+    assert not released.needs_training() and released.trainable_parameters() == []
+    model = tl.prune(tiny_vit(img=64), "diffrate", keep_rate=0.5, released="search")  # 64 patches
+    search = model.reducer
+    assert search.needs_training() and search.training_key()["target"] == 0.5
+    assert search.candidates(0).tolist() == [64] and search.candidates(1).tolist() == list(range(64, 0, -4))
+    # untrained (uniform): the mean candidate, 34, rounded up, in every block but the first
+    assert search.kept_numbers() == ([64, 34, 34, 34], [64, 34, 34, 34])
+    with torch.no_grad():
+        search.prune_logits[2].copy_(only(3, 16))  # 52 patches
+        search.merge_logits[2].copy_(only(5, 16))  # 44 patches
+    assert search.kept_numbers() == ([64, 34, 52, 34], [64, 34, 44, 34])
+    assert token_trace(model) == [(65, 65), (65, 35), (35, 35), (35, 35)]
+
+
+def hand_made_search(prefix: int) -> tuple[DiffRate, Tokens, AttentionInfo]:
+    """A 2-block search on 8 patches (candidates 8, 6, 4, 2) whose block 1 keeps 6 by pruning and 4
+    by merging; the patches' CLS attention ranks them 7, 6, ..., 0."""
+    search = DiffRate([8, 8], [8, 8], released="search", chosen_by=0.5, granularity=2).double()
+    with torch.no_grad():
+        search.prune_logits[1].copy_(only(1, 4))
+        search.merge_logits[1].copy_(only(2, 4))
+    search.bind(backbone_info(tiny_vit(prefix=prefix, depth=2)))  # 16 patches: only its width counts
+    search.train()
+    patches = torch.eye(8, dtype=torch.float64)
+    patches[1] = patches[7] + 0.1 * patches[1]  # patch 1 (ranked 7th) is like patch 7 (ranked 1st)
+    patches[2] = patches[4] + 0.1 * patches[2]  # patch 2 (ranked 6th) is like patch 4 (ranked 4th)
+    patches[3] = patches[6] + 0.1 * patches[3]  # patch 3 (ranked 5th) is like patch 6 (ranked 2nd)
+    x = torch.cat([torch.full((prefix, 8), 5.0, dtype=torch.float64), patches])[None]
+    ones = torch.ones(1, prefix + 8, 1, dtype=torch.float64)
+    cls = torch.cat([torch.full((prefix,), 0.01), torch.arange(1, 9) / 36.0]).to(torch.float64)
+    return search, Tokens(x, prefix, size=ones, policy=ones), AttentionInfo(cls_probs=cls.view(1, 1, 1, -1))
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_a_search_step_masks_the_pruned_and_merged_patches_and_merges_in_place(prefix):
+    search, tokens, attn = hand_made_search(prefix)
+    search._searched = []
+    out = search.search_step(1, tokens, attn)
+    # sorted: patches 7, 6, 5, 4 kept; 3 and 2 merged into 6 and 4; 1 and 0 pruned
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    assert out.n == 8 and out.policy[0, :, 0].tolist() == [1.0] * prefix + [1, 1, 1, 1, 0, 0, 0, 0]
+    patches = tokens.patches[0, order]
+    torch.testing.assert_close(out.patches[0, 3], (patches[3] + patches[5]) / 2)  # 4 with 2
+    torch.testing.assert_close(out.patches[0, 1], (patches[1] + patches[4]) / 2)  # 6 with 3
+    torch.testing.assert_close(out.patches[0, [0, 2]], patches[[0, 2]])
+    torch.testing.assert_close(out.patches[0, 4:], patches[4:])  # merged and pruned stay, masked
+    # sizes: each source's similarity x size clamped at 1 (the search's clamp), added to its host
+    assert out.size[0, prefix:, 0].tolist() == [1, 2, 1, 2, 1, 1, 1, 1]
+    assert [(int(p), int(m)) for p, m in search._searched] == [(7, 5)]
+
+
+def test_the_search_flops_are_the_official_count_of_the_kept_numbers_and_reach_the_parameters():
+    model = tl.prune(tiny_vit(img=64), "diffrate", keep_rate=0.5, released="search").train()
+    search = model.reducer
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    out = search.training_loss(model, x, y, label_smoothing=0.0)
+    d, m, n = 48, 96, 65
+    block = lambda a, b: 4 * a * d * d + 2 * a * a * d + 2 * b * d * m  # noqa: E731
+    assert search.search_flops().item() == block(n, n) + block(n, 35) + 2 * block(35, 35)
+    target = 0.5 * 4 * block(n, n) / 1e9
+    assert out.stats["flops_loss"].item() == pytest.approx((search.search_flops().item() / 1e9 - target) ** 2)
+    out.loss.backward()
+    grads = {name: p.grad.abs().sum().item() for name, p in search.trainable_parameters()}
+    assert grads["prune_logits.0"] == grads["merge_logits.0"] == 0  # block 0 has one candidate
+    assert all(grads[f"{step}_logits.{b}"] > 0 for step in ("prune", "merge") for b in (1, 2, 3))
+
+
+def test_the_token_mask_is_hard_forward_and_the_keep_probability_backward():
+    search, _, _ = hand_made_search(1)
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    mask = search.token_mask(logits, 1, kept=3, upto=6)  # candidates 8, 6, 4, 2 (+ CLS)
+    assert mask.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    probs = logits.softmax(dim=0)
+    keep = torch.stack([probs[[c for c, n in enumerate((8, 6, 4, 2)) if i < n + 1]].sum() for i in range(9)])
+    weights = torch.arange(9, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((mask * weights).sum(), logits)
+    torch.testing.assert_close(grad, torch.autograd.grad((keep * weights).sum(), logits)[0])
+
+
+SEARCH_ON_MNIST = [
+    "method=diffrate",
+    "method.released=search",
+    "keep_rate=0.5",
+    "method.flops_weight=1.0e5",  # the FLOPs term is in GFLOPs: vit_mnist has about 0.01
+    "data.train_overrides.epochs=1",
+    "data.train_overrides.warmup_epochs=0",
+    "logger=csv",
+]
+
+
+@pytest.mark.slow
+def test_the_search_trains_once_into_the_store_and_evaluation_runs_its_schedule(tmp_path):
+    """``task=train`` on the embedded setting (vit_mnist on MNIST, one epoch; random backbone weights,
+    so that no backbone is pretrained): the artefact holds the search's logits only, and an
+    evaluation loads it without training."""
+    args = [*SEARCH_ON_MNIST, "model.weights=random"]
+    proc = run_py(["task=train", *args], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trained,) = (tmp_path / "cache" / "methods").rglob("trained.pth")
+    state = torch.load(trained, map_location="cpu", weights_only=True)["state_dict"]
+    assert sorted(state) == sorted(f"{step}_logits.{b}" for step in ("prune", "merge") for b in range(6))
+    proc = run_py([*args, "measure.throughput=false"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training diffrate" not in proc.stderr
+    record = json.loads((tmp_path / "results" / "results.jsonl").read_text().splitlines()[-1])
+    assert record["task"] == "eval" and str(trained) in str(record["details"]["method_weights"])

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..engine import (
     AttentionInfo,
@@ -42,12 +42,14 @@ from ..engine import (
     Location,
     ReductionError,
     Site,
-    TokenReducer,
     Tokens,
 )
 from ..engine.registry import register_method
 from ..measure import analytic
+from .common.learned import LearnedReducer, TrainingOutput, classification_loss
 
+# method.released=search: the schedule is searched (task=train) rather than released.
+SEARCH = "search"
 MERGE_MEANS = ("official", "size")
 SIZE_UPDATES = ("similarity", "count")
 # A keep rate further than this from every candidate's keep-rate equivalent is refused rather than
@@ -302,18 +304,43 @@ def released_for_rate(keep_rate: float, info: BackboneInfo) -> str:
     return best
 
 
+class _CeilStraightThrough(torch.autograd.Function):
+    """``ceil`` forward, the identity backward (the official ``STE_Ceil``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _MinStraightThrough(torch.autograd.Function):
+    """The least of a token count and two kept numbers; backward, the whole gradient to both kept
+    numbers, whichever is least, and none to the count (the official ``STE_Min``)."""
+
+    @staticmethod
+    def forward(ctx, count: Tensor, prune: Tensor, merge: Tensor) -> Tensor:
+        return torch.minimum(torch.minimum(count, prune), merge)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, Tensor]:
+        return None, grad, grad
+
+
 @register_method(
     "diffrate",
-    kind="training-free",
+    kind="learned",
     operation="pruning+merging",
     needs=("cls_token", "cls_attention"),
-    keep_rule="min(n, p_l, m_l) per block (released searched schedule)",
+    keep_rule="min(n, p_l, m_l) per block (released or searched schedule)",
     paper="Chen et al., DiffRate, ICCV 2023",
     reference="official DiffRate (OpenGVLab/DiffRate)",
     order=19,
     colour="#637939",
 )
-class DiffRate(TokenReducer):
+class DiffRate(LearnedReducer):
     def __init__(
         self,
         prune_kept: Sequence[int],
@@ -323,16 +350,22 @@ class DiffRate(TokenReducer):
         merge_mean: str = "official",
         size_update: str = "similarity",
         chosen_by: float | None = None,
+        granularity: int = 4,
+        flops_weight: float = 5.0,
         seed: int = 0,
     ) -> None:
         """Args:
-        prune_kept: patches kept by each block's prune step (prefix tokens apart), one per block.
+        prune_kept: patches kept by each block's prune step (prefix tokens apart), one per block;
+            for ``released="search"`` the patch count in every block (the search's candidates).
         merge_kept: patches kept by each block's merge step, one per block.
-        released: the released schedule these counts come from, for the record (None: given).
+        released: the released schedule these counts come from, for the record (None: given), or
+            ``"search"``: the counts come from this method's trained search parameters.
         prop_attn: add ``log(size)`` to later blocks' attention logits (official).
         merge_mean: ``official`` (plain mean of a destination and its sources) or ``size``.
         size_update: ``similarity`` (official: sources' sizes times their similarity) or ``count``.
-        chosen_by: the keep rate that chose ``released`` (None: named or given).
+        chosen_by: the keep rate that chose ``released``, or the search's target (None: named or given).
+        granularity: the search's step between candidate kept numbers (official default 4).
+        flops_weight: the search loss's weight of ``(GFLOPs - target)^2`` (official 5).
         seed: unused (no random draws); kept for the common signature.
         """
         super().__init__(seed=seed)
@@ -352,6 +385,18 @@ class DiffRate(TokenReducer):
         self.prop_attn = prop_attn
         self.merge_mean = merge_mean
         self.size_update = size_update
+        self.granularity = int(granularity)
+        self.flops_weight = float(flops_weight)
+        # The search: per block, logits over its candidate kept numbers (the official DDP's
+        # selected_probability, zeros at the start), for the prune and for the merge step.
+        self.prune_logits = nn.ParameterList()
+        self.merge_logits = nn.ParameterList()
+        if released == SEARCH:
+            for block in range(len(self.prune_kept)):
+                self.prune_logits.append(nn.Parameter(torch.zeros(len(self.candidates(block)))))
+                self.merge_logits.append(nn.Parameter(torch.zeros(len(self.candidates(block)))))
+        # (prune, merge) kept numbers of every block of the last search forward, for its FLOPs.
+        self._searched: list[tuple[Tensor, Tensor]] = []
 
     @classmethod
     def from_schedule(
@@ -366,8 +411,9 @@ class DiffRate(TokenReducer):
         **options: Any,
     ):
         """Explicit kept numbers (counting the CLS token, as the official file), else the released
-        schedule ``released``, else the released one nearest the keep rate. ``schedule`` and ``blocks``
-        do not matter: DiffRate acts in every block."""
+        schedule ``released`` or the search (``released=search``, the keep rate its target), else
+        the released one nearest the keep rate. ``schedule`` and ``blocks`` do not matter: DiffRate
+        acts in every block."""
         if (prune_kept is None) != (merge_kept is None):
             raise ReductionError(
                 "method=diffrate: give both method.prune_kept and method.merge_kept, or neither"
@@ -375,22 +421,28 @@ class DiffRate(TokenReducer):
         if prune_kept is not None:
             counts = [int(v) - 1 for v in prune_kept], [int(v) - 1 for v in merge_kept]
             return cls(*counts, released=None, **options)
+        if released == SEARCH:
+            full = [info.num_patches] * info.depth
+            return cls(full, full, released=SEARCH, chosen_by=rates[0], **options)
         if released is not None:
             return cls(*patch_counts(released, info.num_patches), released=released, **options)
         name = released_for_rate(rates[0], info)
         return cls(*patch_counts(name, info.num_patches), released=name, chosen_by=rates[0], **options)
 
     def resolved_schedule(self) -> dict[str, Any]:
-        """Every block, the released schedule's name and its kept numbers counting the CLS token;
-        the keep rate at every block when it chose the schedule, else no rates."""
+        """Every block, the released schedule's name and its kept numbers counting the CLS token
+        (a search's are known once trained); the keep rate at every block when it chose the
+        schedule or is the search's target, else no rates."""
         depth = len(self.prune_kept)
-        return {
+        record = {
             "blocks": list(range(depth)),
             "rates": None if self.chosen_by is None else [self.chosen_by] * depth,
             "released": self.released,
-            "prune_kept": [k + 1 for k in self.prune_kept],
-            "merge_kept": [k + 1 for k in self.merge_kept],
         }
+        if self.released == SEARCH:
+            return record
+        prune, merge = self.kept_numbers()
+        return {**record, "prune_kept": [k + 1 for k in prune], "merge_kept": [k + 1 for k in merge]}
 
     def bind(self, info: BackboneInfo) -> None:
         if len(self.prune_kept) != info.depth:
@@ -401,27 +453,52 @@ class DiffRate(TokenReducer):
             )
         super().bind(info)
 
+    # -- the schedule ----------------------------------------------------------------------------
+
+    def kept_numbers(self) -> tuple[list[int], list[int]]:
+        """Prune and merge kept patches per block: given, released, or from the search's parameters."""
+        if self.released != SEARCH:
+            return self.prune_kept, self.merge_kept
+        with torch.no_grad():
+            return tuple(
+                [int(self.expected_kept(logits, block)) - 1 for block, logits in enumerate(params)]
+                for params in (self.prune_logits, self.merge_logits)
+            )
+
     def _steps(self) -> list[tuple[int, int, int]]:
         """``(block, patches in, patches out)`` of the blocks that remove tokens (bound)."""
-        flow = tokens_per_block(self.prune_kept, self.merge_kept, self.info.num_patches)
+        flow = tokens_per_block(*self.kept_numbers(), self.info.num_patches)
         return [(b, n_in, n_out) for b, (n_in, n_out) in enumerate(flow) if n_out < n_in]
 
     def locations(self) -> list[Location]:
         if self.info is None:  # before binding: every block the schedule names
             return [Location(Site.INSIDE, b) for b in range(len(self.prune_kept))]
+        if self.training and self.released == SEARCH:  # the search masks in every block
+            return [Location(Site.PRE), *(Location(Site.INSIDE, b) for b in range(self.info.depth))]
         return [Location(Site.INSIDE, b) for b, _, _ in self._steps()]
 
     def expected_tokens(self) -> dict[Location, int]:
-        """Patches left after each location (bound): ``min(n, p_l, m_l)``, the kit's keep rule."""
+        """Patches left after each location (bound, eval): ``min(n, p_l, m_l)``, the kit's keep rule."""
         return {Location(Site.INSIDE, b): n_out for b, _, n_out in self._steps()}
 
     def needs(self, block: int) -> AttentionNeeds:
+        if self.training and self.released == SEARCH:
+            return AttentionNeeds(cls_probs=True)
         active = any(b == block for b, _, _ in self._steps())
         return AttentionNeeds(cls_probs=active)
 
+    # -- inference ---------------------------------------------------------------------------------
+
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
-        kept = min(tokens.n, self.prune_kept[loc.block])
-        merged = min(kept, self.merge_kept[loc.block])
+        if self.training and self.released == SEARCH:
+            return (
+                self.search_start(tokens)
+                if loc.site is Site.PRE
+                else self.search_step(loc.block, tokens, attn)
+            )
+        prune, merge = self.kept_numbers()
+        kept = min(tokens.n, prune[loc.block])
+        merged = min(kept, merge[loc.block])
         if merged == tokens.n:
             return tokens
         score = attn.cls_probs[:, :, 0, tokens.num_prefix :].mean(dim=1)
@@ -457,6 +534,129 @@ class DiffRate(TokenReducer):
             traced = tokens.source.to(x.dtype)
             source = combine(traced, traced[:, p + merged :], "amax").bool()
         return Tokens(x, p, size=new_size, source=source)
+
+    # -- the search (training) ---------------------------------------------------------------------
+
+    def needs_training(self) -> bool:
+        """Only a search trains; a released or given schedule runs as it is."""
+        return self.released == SEARCH
+
+    def candidates(self, block: int, like: Tensor | None = None) -> Tensor:
+        """The kept patch counts block ``block``'s search chooses among: n0, n0 - granularity, ...
+        down to 1 or more; block 0 only n0 (the official DDP's ``kept_token_candidate``)."""
+        n0 = max(self.prune_kept)
+        step = n0 + 1 if block == 0 else self.granularity
+        dtype = torch.float32 if like is None else like.dtype
+        return torch.arange(n0, 0, -step, dtype=dtype, device=None if like is None else like.device)
+
+    def expected_kept(self, logits: Tensor, block: int) -> Tensor:
+        """The kept number (counting the CLS token) of a block's search: the expected candidate
+        under ``softmax(logits)``, rounded up straight-through, plus one."""
+        return _CeilStraightThrough.apply(self.candidates(block, logits) @ logits.softmax(dim=-1)) + 1
+
+    def token_mask(self, logits: Tensor, block: int, kept: int, upto: int) -> Tensor:
+        """[1 + n0] over the CLS token and the sorted patches: 0 from ``kept`` to ``upto``, 1
+        elsewhere, with the gradient of the probability that each position is kept (straight
+        through; the official ``get_token_mask``, its loop included, so that it rounds alike)."""
+        probs = logits.softmax(dim=-1)
+        keep = logits.new_zeros(max(self.prune_kept) + 1)
+        for candidate, prob in zip(self.candidates(block, logits), probs, strict=True):
+            keep[: int(candidate + 1)] += prob
+        mask = torch.ones_like(keep)
+        mask[kept:upto] = 0
+        return mask - keep.detach() + keep
+
+    def search_start(self, tokens: Tokens) -> Tokens:
+        """Every token kept (policy 1) and of size 1 before block 0."""
+        self._searched = []
+        ones = tokens.x.new_ones(*tokens.x.shape[:2], 1)
+        return Tokens(tokens.x, tokens.num_prefix, size=ones, policy=ones)
+
+    def search_step(self, block: int, tokens: Tokens, attn: AttentionInfo) -> Tokens:
+        """The official training step of a block: sort by CLS attention, mask the pruned tokens,
+        merge the next ones (kept in place, masked) into their most similar kept ones."""
+        p = tokens.num_prefix
+        score = attn.cls_probs[:, :, 0, p:].mean(dim=1)
+        tokens = tokens.keep(score.argsort(dim=1, descending=True))
+        policy = tokens.policy[..., 0]
+        mask = torch.cat([policy[:, :1], policy[:, p:]], dim=1)  # the official mask: CLS, patches
+        last = int(mask[0].sum())
+        prune = self.expected_kept(self.prune_logits[block], block)
+        merge = self.expected_kept(self.merge_logits[block], block)
+        self._searched.append((prune, merge))
+        if prune < last:
+            mask = mask * self.token_mask(self.prune_logits[block], block, int(prune), last)
+        mid = min(last, int(prune))
+        if merge < mid:
+            tokens = self.search_merge(tokens, int(merge) - 1, mid - 1)
+            mask = mask * self.token_mask(self.merge_logits[block], block, int(merge), mid)
+        policy = torch.cat([mask[:, :1].expand(-1, p), mask[:, 1:]], dim=1)  # a DIST token as the CLS
+        return Tokens(tokens.x, p, size=tokens.size, policy=policy[..., None])
+
+    @staticmethod
+    def search_merge(tokens: Tokens, merged: int, upto: int) -> Tokens:
+        """Patches ``merged`` to ``upto`` merged into their most similar of the first ``merged`` by a
+        plain mean, and kept in place (to be masked); sizes scaled by similarity, at least 1."""
+        p = tokens.num_prefix
+        patches, sizes = tokens.patches, tokens.patch_sizes()
+        with torch.no_grad():
+            metric = F.normalize(patches[:, :upto], dim=-1)
+            best, dst = (metric[:, merged:] @ metric[:, :merged].transpose(1, 2)).max(dim=-1)
+        index = dst[..., None]
+        x = patches[:, :merged].scatter_reduce(
+            1, index.expand(-1, -1, patches.shape[-1]), patches[:, merged:upto], reduce="mean"
+        )
+        size = torch.cat([sizes[:, :merged], sizes[:, merged:upto] * best[..., None]], dim=1).clamp(1)
+        size_kept = size[:, :merged].scatter_reduce(1, index, size[:, merged:], reduce="sum")
+        x = torch.cat([tokens.prefix, x, patches[:, merged:]], dim=1)
+        size = torch.cat([tokens.size[:, :p], size_kept, size[:, merged:], sizes[:, upto:]], dim=1)
+        return Tokens(x, p, size=size, policy=tokens.policy)
+
+    def block_flops(self, count: Tensor | float, after: Tensor | float) -> Tensor | float:
+        """The official count of a block whose attention runs on ``count`` tokens and its MLP on
+        ``after``: no LayerNorm, ``4 N C^2 + 2 N^2 C`` and ``2 N C M``."""
+        c, hidden = self.info.embed_dim, self.info.mlp_hidden
+        return 4 * count * c * c + 2 * count * count * c + 2 * after * c * hidden
+
+    def search_flops(self) -> Tensor:
+        """The blocks' multiply-adds at the last search forward's kept numbers (the official
+        ``calculate_flop_training``, blocks only), differentiable in them."""
+        extra = self.info.num_prefix - 1  # tokens besides the CLS token the kept numbers count
+        count = self.prune_logits[0].new_tensor(float(self.info.num_patches + 1 + extra))
+        flops = 0.0
+        for prune, merge in self._searched:
+            attention = count
+            count = _MinStraightThrough.apply(count, prune + extra, merge + extra)
+            flops = flops + self.block_flops(attention, count)
+        return flops
+
+    def training_key(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "target": self.chosen_by,
+            "granularity": self.granularity,
+            "flops_weight": self.flops_weight,
+            "prop_attn": self.prop_attn,
+        }
+
+    def training_loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        targets: Tensor,
+        label_smoothing: float,
+        teacher: nn.Module | None = None,
+    ) -> TrainingOutput:
+        """The official search loss: classification plus ``flops_weight * (GFLOPs - target)^2``,
+        the target being ``keep_rate`` times the unpruned blocks' GFLOPs (official count)."""
+        logits = model.forward_head(model.forward_features(x))
+        cls_loss = classification_loss(logits, targets, label_smoothing)
+        n = self.info.num_patches + self.info.num_prefix
+        target = self.chosen_by * self.info.depth * self.block_flops(n, n) / 1e9
+        gflops = self.search_flops() / 1e9
+        flops_loss = (gflops - target) ** 2
+        stats = {"cls_loss": cls_loss.detach(), "flops_loss": flops_loss.detach(), "gflops": gflops.detach()}
+        return TrainingOutput(cls_loss + self.flops_weight * flops_loss, logits.detach(), stats)
 
     def extra_repr(self) -> str:
         return f"released={self.released}, " + super().extra_repr()
