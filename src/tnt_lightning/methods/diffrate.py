@@ -16,7 +16,9 @@ Per block, with ``p`` and ``m`` the block's kept numbers (patches, prefix tokens
   their attention logits (``prop_attn``).
 
 So ``n`` becomes ``min(n, p, m)`` in every block. The per-block ``p`` and ``m`` are a schedule:
-released ones by name (:data:`RELEASED`, the official ``compression_rate.json``), explicit lists, or
+released ones by name (:data:`RELEASED`, the official ``compression_rate.json``), explicit lists,
+searched (``released="search"``: the official search as this method's training, ``task=train``, its
+logits the cached artefact, ``keep_rate`` times the unpruned blocks' official GFLOPs its target), or
 from ``keep_rate`` (the released schedule whose block cost is nearest K: :func:`released_for_rate`).
 Deviation: a DIST token is a prefix token here (never ranked, pruned, merged or a destination;
 the official code has no DIST token and would rank it as a patch). docs/methods/diffrate.md.
