@@ -390,7 +390,10 @@ class MCTF(TokenReducer):
         return out
 
     def needs(self, block: int) -> AttentionNeeds:
-        return AttentionNeeds(probs=self.one_step_ahead == "off" and self.r.get(block, 0) > 0)
+        """The probabilities of every fusing block: ``off`` reads them after the block; ``merged``
+        gets them before its attention (``Site.AHEAD``) and replaces the block's attention with
+        their fused form; ``precise`` asks nothing of the attention it recomputes."""
+        return AttentionNeeds(probs=self.one_step_ahead != "precise" and self.r.get(block, 0) > 0)
 
     def reduce(self, loc: Location, tokens: Tokens, attn: AttentionInfo | None) -> Tokens:
         probs = attn.probs
