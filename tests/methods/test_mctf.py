@@ -241,3 +241,14 @@ def test_the_method_config_carries_the_official_defaults():
     assert options == (1.0, 20.0, 40.0, True)
     assert (reducer.one_step_ahead, reducer.pooling, reducer.prop_attn) == ("merged", "attention", True)
     assert list(reducer.expected_tokens().values())[-1] == 20
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_fine_tuning_trains_through_the_fused_attention(checkpointed):
+    # merged: the fused block's values never see the queries and keys, which get their gradient
+    # only through the fused one-step-ahead attention (the matching and pooling weights are constants)
+    m = apply_reducer(tiny_vit(), MCTF([1], [4])).train()
+    m.set_grad_checkpointing(checkpointed)
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    grad = m.blocks[1].attn.qkv.weight.grad
+    assert grad[: 2 * 48].abs().sum() > 0 and grad[2 * 48 :].abs().sum() > 0
