@@ -17,8 +17,9 @@ B (odd), as ToMe:
   maximum, ``W_size = (z_a * z_b)^(1/tau_size)`` with ``z = 1/size`` divided by its maximum (1
   before the first fusion). A temperature of 0 drops its criterion;
 * bidirectional bipartite soft matching: the ``r // 2`` A tokens of highest best weight fuse into
-  their best B token, then the ``r - r // 2`` B tokens (fused ones included) of highest best weight
-  over the remaining A fuse into it, on the same weights; ``bidirectional=false``: r from A to B;
+  their best B token, then the ``r - r // 2`` B tokens (those that just received A tokens included)
+  of highest best weight over the remaining A fuse into their best of those, on the same weights;
+  ``bidirectional=false``: r from A to B;
 * pooling (``pooling``): ``attention`` (official ``1``): mean weighted by received attention times
   size; ``size`` (ToMe's size-weighted mean), ``max``, ``mean``. Sizes add up.
 
