@@ -24,11 +24,13 @@ def make_vit():
     return tiny_vit
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.gpu`` tests are skipped on a machine without CUDA (`make gpu-check` runs them).
 
     The tests of the session's ``default_run`` share one xdist worker (``make test`` runs two):
-    its real pretraining then happens once, while the other worker runs the rest."""
+    its real pretraining then happens once, while the other worker runs the rest. The group marker
+    is set first: xdist's own hook reads it to schedule by group, and ignores one set after it."""
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
     for item in items:
         if "default_run" in getattr(item, "fixturenames", ()):
