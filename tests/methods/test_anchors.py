@@ -4,6 +4,9 @@ Every row of the paper's result tables that names a runnable setting of an imple
 run (random weights, batch 1) and its GFLOPs must round to the printed value: |ours - printed| <=
 0.005. Known misprints (``paper/anchor_exceptions.csv``) must *not* match, so the list stays
 honest; groups that are not anchors at all (Zero-TP multi-layer, DynamicViT on ViT/16) are skipped.
+
+`make test` runs the first row of every table, method and backbone (and every misprint); the other
+rows carry the ``every_anchor`` marker and run in `make test-anchors` (CI) and `make test-full`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ ROWS = [
     for r in load_results()
     if (o := overrides_for(r)) is not None and o[1].removeprefix("method=") in IMPLEMENTED
 ]
+
+
+def fast_rows(rows: list[dict]) -> set[int]:
+    """Indices of the rows `make test` checks: the first of each (table, method, backbone), and every
+    listed misprint."""
+    first: dict[tuple[str, ...], int] = {}
+    for i, row in enumerate(rows):
+        overrides = overrides_for(row)
+        first.setdefault((row["table"], overrides[0], overrides[1]), i)
+    return set(first.values()) | {i for i, row in enumerate(rows) if anchor_exception(row) is not None}
+
+
+FAST = fast_rows(ROWS)
 _MODELS: dict[tuple[str, bool], torch.nn.Module] = {}
 
 
@@ -72,7 +88,13 @@ def test_every_table_contributes_anchors():
     } <= tables
 
 
-@pytest.mark.parametrize("row", ROWS, ids=describe_row)
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(row, id=describe_row(row), marks=() if i in FAST else pytest.mark.every_anchor)
+        for i, row in enumerate(ROWS)
+    ],
+)
 def test_paper_gflops(row, tmp_path):
     exception = anchor_exception(row)
     if exception is not None and exception["exact"] == "no":
