@@ -303,3 +303,16 @@ def test_the_search_trains_once_into_the_store_and_evaluation_runs_its_schedule(
     assert "training diffrate" not in proc.stderr
     record = json.loads((tmp_path / "results" / "results.jsonl").read_text().splitlines()[-1])
     assert record["task"] == "eval" and str(trained) in str(record["details"]["method_weights"])
+
+
+def test_task_train_on_a_released_schedule_names_the_override_that_searches_one(compose_cfg):
+    """DiffRate's defaults run a released schedule, which trains nothing: task=train says so and
+    names the override its registration declares (method.released=search)."""
+    from tnt_lightning.errors import ConfigError
+    from tnt_lightning.tasks.train import train
+
+    cfg = compose_cfg(
+        "task=train", "method=diffrate", "model=deit_small", "model.weights=random", "data=synthetic"
+    )
+    with pytest.raises(ConfigError, match=r"nothing to train \(it trains with method\.released=search\)"):
+        train(cfg)

@@ -47,6 +47,7 @@ class MethodInfo:
     reference: str
     order: int
     colour: str
+    train_overrides: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -68,6 +69,7 @@ def register_method(
     reference: str,
     order: int,
     colour: str,
+    train_overrides: tuple[str, ...] = (),
 ) -> Callable[[R], R]:
     """Class decorator registering a :class:`TokenReducer` subclass as method ``name``.
 
@@ -82,6 +84,8 @@ def register_method(
         reference: the implementation it was checked against, or ``none, reimplemented from the paper``.
         order: its place in tables, plots and the bench (the baseline is 0).
         colour: its colour in plots (a Matplotlib colour, different from every other method's).
+        train_overrides: for a learned method whose defaults train nothing (DiffRate runs its
+            released schedules), the overrides that make ``task=train`` train it.
 
     Returns:
         The decorator, which returns the class unchanged apart from ``name`` and
@@ -97,7 +101,17 @@ def register_method(
         cls.name = name
         cls.requires_class_token = "cls_token" in needs
         _REGISTRY[name] = MethodInfo(
-            name, cls, kind, operation, tuple(needs), keep_rule, paper, reference, order, colour
+            name,
+            cls,
+            kind,
+            operation,
+            tuple(needs),
+            keep_rule,
+            paper,
+            reference,
+            order,
+            colour,
+            tuple(train_overrides),
         )
         return cls
 

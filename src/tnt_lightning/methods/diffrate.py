@@ -341,6 +341,7 @@ class _MinStraightThrough(torch.autograd.Function):
     reference="official DiffRate (OpenGVLab/DiffRate)",
     order=19,
     colour="#637939",
+    train_overrides=(f"method.released={SEARCH}",),
 )
 class DiffRate(LearnedReducer):
     def __init__(

@@ -450,6 +450,7 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
 
     from ..config import compose_config
     from ..engine import apply_reducer
+    from ..engine.registry import get_method
     from ..lit import OptimConfig, TokenReductionModule
     from ..methods.assembly import reducer_for
     from ..models import create_model
@@ -467,6 +468,7 @@ def check_training(ctx: Context, method: str) -> dict[str, Any]:
             f"paths.root_dir={workdir.name}",
             f"paths.output_dir={workdir.name}",
             f"method={method}",
+            *get_method(method).train_overrides,
             "model.weights=random",
             f"trainer={'gpu' if cuda else 'cpu'}",
             f"trainer.precision={'16-mixed' if cuda else 'bf16-mixed'}",

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import epoch_budget
 from ..engine import apply_reducer, backbone_info
-from ..engine.registry import learned_methods
+from ..engine.registry import get_method, learned_methods
 from ..errors import ConfigError
 from ..lit import LastCheckpoint, OptimConfig, TokenReductionModule
 from ..lit.checkpoint import rng_states, set_rng_states
@@ -228,8 +228,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         reducer, schedule = reducer_for(model, cfg.method, cfg.schedule, cfg.keep_rate, spec.pruning)
         recorder.fields["schedule"] = schedule
         if not isinstance(reducer, LearnedReducer) or not reducer.needs_training():
+            learned = cfg.method.name in learned_methods()
+            needed = get_method(cfg.method.name).train_overrides if learned else ()
+            hint = f" (it trains with {' '.join(needed)})" if needed else ""
             raise ConfigError(
-                f"method={cfg.method.name} has nothing to train; task=train is for "
+                f"method={cfg.method.name} has nothing to train{hint}; task=train is for "
                 f"{', '.join(learned_methods())}"
             )
         reducer.bind(backbone_info(model))
