@@ -31,6 +31,9 @@ SWEEP_EXCEPTIONS = {
         "sit": "Haurum's learned merging methods joined after the demo grid was set",
         "ppt": "PPT, as single-layer ToMe, removes at most half of the tokens per block: K = 0.3 is refused",
         "pitome": "PiToMe merges at most half of the tokens per block (it pairs 2r): K = 0.3 is refused",
+        "mctf": "MCTF, as single-layer ToMe, fuses at most half of the tokens per block: K = 0.3 is refused",
+        "diffrate": "DiffRate's released schedules are for 12-, 24- and 32-block ViTs: on the 6-block "
+        "vit_mnist it runs only a searched (method.released=search) or given schedule",
     },
     "cmnist_study": {
         BASELINE: "the unpruned baseline runs first, outside the grid (make study)",
@@ -39,8 +42,10 @@ SWEEP_EXCEPTIONS = {
             m: "the study covers the TNT paper's methods; Haurum et al.'s baselines are not in it"
             for m in ("spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit")
         },
-        "ppt": "the study covers the TNT paper's methods; the methods added since 2024 are not in it",
-        "pitome": "the study covers the TNT paper's methods; the methods added since 2024 are not in it",
+        **{
+            m: "the study covers the TNT paper's methods; the methods of the field added since are not in it"
+            for m in ("ppt", "pitome", "atc", "mctf", "diffrate")
+        },
     },
 }
 
