@@ -8,8 +8,8 @@ from hydra.utils import instantiate
 from timm.models.vision_transformer import VisionTransformer
 
 from helpers import compose_config, tiny_vit
+from tnt_lightning.engine.analytic import vit_macs
 from tnt_lightning.measure import count_macs
-from tnt_lightning.measure.analytic import vit_macs
 from tnt_lightning.models import create_model, set_fused_attn
 
 # The exact integers of docs/methods/flops.md#base-models, and the paper's printed GFLOPs.

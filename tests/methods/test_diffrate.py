@@ -17,9 +17,16 @@ import torch.nn.functional as F
 
 import tnt_lightning as tl
 from helpers import run_py, tiny_vit
-from tnt_lightning.engine import AttentionInfo, Location, ReductionError, Site, Tokens, apply_reducer
+from tnt_lightning.engine import (
+    AttentionInfo,
+    Location,
+    ReductionError,
+    Site,
+    Tokens,
+    analytic,
+    apply_reducer,
+)
 from tnt_lightning.engine.patch import backbone_info
-from tnt_lightning.measure import analytic
 from tnt_lightning.measure.flops import count_macs, token_trace
 from tnt_lightning.methods.diffrate import (
     RELEASED,

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from helpers import compose_config, run_py, tiny_vit
-from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, apply_reducer, backbone_info
+from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, analytic, apply_reducer, backbone_info
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
-from tnt_lightning.measure import analytic, count_macs
+from tnt_lightning.measure import count_macs
 from tnt_lightning.methods import TNT, build_reducer
 from tnt_lightning.methods.assembly import prune_with, reducer_for
 from tnt_lightning.methods.ats import inverse_transform_sample, sample_points, unique_padded

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from ..config import compose_config
 from ..engine import backbone_info
+from ..engine.analytic import vit_macs
 from ..models import BackboneSpec, create_model
-from .analytic import vit_macs
 from .flops import count_macs
 
 BACKBONES = ("deit_tiny_distilled", "deit_small_distilled", "deit_base_distilled", "vit_b16_meanpool")

@@ -45,9 +45,9 @@ from ..engine import (
     ReductionError,
     Site,
     Tokens,
+    analytic,
 )
 from ..engine.registry import register_method
-from ..measure import analytic
 from .common.learned import LearnedReducer, TrainingOutput, classification_loss
 
 # method.released=search: the schedule is searched (task=train) rather than released.

@@ -9,7 +9,7 @@ keep rate 0.5 and multi-layer at 0.7; learned methods untrained) and runs it on 
   the image (``image_dependent_cost``).
 * ``prefix-kept``: every step returns the prefix tokens (CLS, DIST) first, unchanged.
 * ``gflops``: the counted GFLOPs, less what the method's own steps compute, equal the closed form
-  (``measure/analytic.py``) for the token counts each block's attention and MLP really ran on.
+  (``engine/analytic.py``) for the token counts each block's attention and MLP really ran on.
 * ``batch-independent``: an image's logits in a batch of three equal its logits alone.
 * ``seeded``: two fresh builds with the same seed give the same logits.
 * ``float64-fused``: float64 agrees with float32, and timm's unfused attention with the fused one.
@@ -34,9 +34,8 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..engine import Location, TokenReducer, Tokens, apply_reducer, backbone_info
+from ..engine import Location, TokenReducer, Tokens, analytic, apply_reducer, backbone_info
 from ..engine.registry import get_method, method_names
-from ..measure import analytic
 from ..measure.flops import _EXTRA_FORMULAS
 from ..models.backbones import set_fused_attn
 

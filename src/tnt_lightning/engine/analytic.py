@@ -1,6 +1,7 @@
-"""Closed-form FLOPs of a plain ViT (docs/methods/flops.md), used to cross-check the counter.
+"""Closed-form FLOPs of a plain ViT (docs/methods/flops.md): the counter's cross-check, and what a
+method that plans by cost (DiffRate's keep-rate equivalents) reads. In the engine, below both.
 
-Every formula counts multiply-adds the way fvcore does (see :mod:`.flops`).
+Every formula counts multiply-adds the way fvcore does (see :mod:`tnt_lightning.measure.flops`).
 """
 
 from __future__ import annotations
