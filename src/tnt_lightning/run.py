@@ -22,9 +22,6 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from .tasks.quiet import quiet
-
-    quiet(cfg.get("verbose", False))
     hydra_cfg = HydraConfig.get()
     try:
         check_added_keys(list(hydra_cfg.overrides.task), cfg, str(config_dir()))

@@ -19,6 +19,7 @@ from ..measure.memory import keep_freed_memory
 from ..results import ResultsStore, StoreError, config_key
 from .interrupts import interruption_signals, outcome
 from .preflight import preflight
+from .quiet import quiet
 from .records import current_attempt, new_run_id, process_rank
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def run_task(cfg: DictConfig) -> dict[str, Any] | None:
     validate(cfg)
     check_environment(cfg)
     preflight(cfg)  # the method on the backbone, before any record or logger (preflight.py)
+    # Lightning's import alone takes seconds: a config refused above fails before it, silenced here.
+    quiet(cfg.get("verbose", False))
     stamp_data_content(cfg)  # a folder data set counts by its images, not where they lie
     store = ResultsStore(cfg.paths.results_dir)
     try:
