@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import HAS_CUDA, compose_config, run_py, tiny_vit
+from helpers import HAS_CUDA, SHORT_PRETRAIN, compose_config, run_py, tiny_vit
 from tnt_lightning.plugins import ENV_VAR
 
 # A developer's own declared methods (tnt_lightning.plugins) stay out of the suite: the registry it
@@ -41,12 +41,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
-    """``python run.py`` exactly as the README says, on a fresh root: trains vit_mnist once, evaluates it.
+    """``python run.py`` as the README says, on a fresh root, with a short pretraining
+    (``SHORT_PRETRAIN``): trains vit_mnist once, evaluates it.
 
-    Other tests reuse its cache (``paths.cache_dir``) so the backbone is trained once per session.
+    Other tests reuse its cache (``paths.cache_dir``, with ``SHORT_PRETRAIN``) so the backbone is
+    trained once per session.
     """
     root = tmp_path_factory.mktemp("default_run")
-    proc = run_py([], root, timeout=900)
+    proc = run_py(SHORT_PRETRAIN, root, timeout=900)
     return root, proc
 
 

@@ -26,15 +26,15 @@ RECORD_FIELDS = {
 }
 
 
-def test_default_run_trains_vit_mnist_once_and_reports_real_accuracy(default_run):
-    root, proc = default_run
+def check_default_run(root, proc) -> dict:
+    """What `python run.py` must leave: one ok eval record of the unpruned vit_mnist, evaluated on
+    the 1000 test digits, its counts and preprocessing recorded, the backbone trained once."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training backbone vit_mnist once" in proc.stdout + proc.stderr
     (record,) = read_records(root / "results")
     assert set(record) >= RECORD_FIELDS
     assert record["status"] == "ok" and record["task"] == "eval" and record["method"] == "none"
     m = record["metrics"]
-    assert m["acc1"] >= 80.0, m
     assert set(m) >= {"acc1", "acc5", "gflops", "throughput_img_s", "params_m"}
     assert m["gflops"] == pytest.approx(0.01201, abs=5e-5)
     assert set(record["env"]) >= {"torch", "timm", "lightning", "device", "git_commit"}
@@ -47,6 +47,21 @@ def test_default_run_trains_vit_mnist_once_and_reports_real_accuracy(default_run
     assert record["config"]["model"]["name"] == "vit_mnist"
     assert f"top-1 {m['acc1']:.2f}%" in proc.stdout and "results:" in proc.stdout
     assert len(list((root / "cache" / "backbones").glob("vit_mnist-*.pth"))) == 1
+    return m
+
+
+def test_default_run_trains_vit_mnist_once_and_reports_what_it_measured(default_run):
+    """The session's default run, whose pretraining is 3 epochs: trained (above chance), not yet good."""
+    m = check_default_run(*default_run)
+    assert m["acc1"] > 15.0, m
+
+
+@pytest.mark.slow
+def test_the_readmes_python_run_py_trains_vit_mnist_to_real_accuracy(tmp_path):
+    """`python run.py` exactly as the README says (20 epochs of pretraining; make test-default-run)."""
+    proc = run_py([], tmp_path, timeout=900)
+    m = check_default_run(tmp_path, proc)
+    assert m["acc1"] >= 80.0, m
 
 
 def test_two_job_multirun_records_both(tmp_path):

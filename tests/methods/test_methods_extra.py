@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from helpers import compose_config, run_py, tiny_vit
+from helpers import SHORT_PRETRAIN, compose_config, run_py, tiny_vit
 from tnt_lightning.engine import BackboneInfo, ReductionError, Tokens, analytic, apply_reducer, backbone_info
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.lit import OptimConfig, TokenReductionModule
@@ -595,7 +595,7 @@ def test_learned_merging_trains_through_run_py(method, default_run, tmp_path):
     """``task=train`` on the tiny setup (vit_mnist, one epoch): the trained file holds the stages only."""
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "backbones").symlink_to(default_run[0] / "cache" / "backbones")
-    args = ["task=train", f"method={method}", "data.train_overrides.epochs=1", "logger=csv"]
+    args = ["task=train", f"method={method}", "data.train_overrides.epochs=1", "logger=csv", *SHORT_PRETRAIN]
     proc = run_py([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (trained,) = (tmp_path / "cache" / "methods").rglob("trained.pth")

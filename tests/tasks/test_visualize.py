@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import compose_config, run_py
+from helpers import SHORT_PRETRAIN, compose_config, run_py
 from tnt_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from tnt_lightning.errors import ConfigError
 from tnt_lightning.results import read_records
@@ -95,6 +95,7 @@ def test_topk_on_the_embedded_default_through_run_py(default_run, tmp_path):
             "keep_rate=0.5",
             f"paths.cache_dir={cache}",
             "visualize.num_images=3",
+            *SHORT_PRETRAIN,
         ],
         tmp_path,
         timeout=300,
@@ -123,6 +124,7 @@ def test_tome_multi_layer_draws_every_step_or_the_last(default_run, tmp_path, st
             "visualize.num_images=2",
             f"visualize.steps={steps}",
             f"paths.cache_dir={default_run[0] / 'cache'}",
+            *SHORT_PRETRAIN,
         ],
         tmp_path,
     )
