@@ -8,20 +8,26 @@ are timed in turn, official, ours, official, ours, ... (``--pairs`` pairs of ``-
 the ratio is the median of the per-pair ratios, as ``make bench``).
 
     python scripts/compare_official.py --tome /tmp/official/ToMe --evit /tmp/official/evit \\
-        --dynamicvit /tmp/official/DynamicViT --tnt /tmp/official/tnt
+        --dynamicvit /tmp/official/DynamicViT --tnt /tmp/official/tnt --atc /tmp/official/ATC \\
+        --diffrate /tmp/official/DiffRate --mctf /tmp/official/MCTF
+
+The float64 comparisons of each method (token sets block by block) are on its method page.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
+import json
 import math
 import sys
 import types
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tnt_lightning.config import register_configs
 from tnt_lightning.measure import TimedModel, same_process_speedup
@@ -109,6 +115,87 @@ def tnt(root: Path, ours: torch.nn.Module, rate: float) -> torch.nn.Module:
     return official
 
 
+def atc(root: Path, ours: torch.nn.Module, rate: float, linkage: str) -> torch.nn.Module:
+    # It clusters with scikit-learn on the CPU, one image at a time, and allocates its merged tokens in
+    # torch's default dtype: run it in float32.
+    module = official_file(root, "ATC_setup/models/atc.py", "official_atc")
+    args = argparse.Namespace(
+        reduction_ratio=[rate], reduction_loc=[3, 6, 9], linkage=linkage, proportional_attn=True
+    )
+    official = module.AgglomerativeClusteringVisionTransformer(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), args=args,
+    )  # fmt: skip
+    load_ours(official, ours, {"reducer.": ""})
+    return official
+
+
+class LogitsOnly(nn.Module):
+    """The official DiffRate model returns ``(logits, flops)``; the comparison wants the logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, return_flop=False)
+
+
+def diffrate(root: Path, ours: torch.nn.Module, released: str) -> torch.nn.Module:
+    # The packages' __init__ import the visualisation and the CAFormer patch (written for timm 0.4.5):
+    # both packages are stubbed so that only its merge, utils and DeiT patch load, unmodified. timm
+    # 1.0's Block has drop_path1/2 where the official block calls drop_path.
+    for name, path in (("DiffRate", root / "DiffRate"), ("DiffRate.patch", root / "DiffRate" / "patch")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(path)]
+        sys.modules.setdefault(name, stub)
+    sys.path.insert(0, str(root))
+    try:
+        patch = importlib.import_module("DiffRate.patch.deit")
+    finally:
+        sys.path.remove(str(root))
+    official, _ = build(["model=deit_small"])
+    official.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("reducer.")})
+    patch.apply_patch(official)
+    for block in official.blocks:
+        block.drop_path = nn.Identity()
+    kept = json.loads((root / "compression_rate.json").read_text())["ViT-S-DeiT"][
+        released.split("_")[-1][:-1]
+    ]
+    numbers = {
+        key: [int(v) for v in kept[key].strip("[]").split(",")]
+        for key in ("prune_kept_num", "merge_kept_num")
+    }
+    official.set_kept_num(numbers["prune_kept_num"], numbers["merge_kept_num"])
+    return LogitsOnly(official)
+
+
+def mctf(root: Path, ours: torch.nn.Module, r: int) -> torch.nn.Module:
+    # Its packages models/ and utils/ share their names with other checkouts' modules (DynamicViT's
+    # utils.py): those are set aside while it loads, then put back.
+    def clashing() -> dict[str, types.ModuleType]:
+        return {
+            k: sys.modules.pop(k) for k in [k for k in sys.modules if k.split(".")[0] in ("models", "utils")]
+        }
+
+    others = clashing()
+    try:
+        module = official_file(root, "models/deit.py", "official_mctf")
+    finally:
+        clashing()
+        sys.modules.update(others)
+    # mctf_type as the README's DeiT-S evaluation: r, r_teacher_max, trace_source, prop_attn,
+    # one_step_ahead, tau_sim, tau_info, tau_size, bidirection, pooling_type, (unused)
+    official = module.VisionTransformer(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, qkv_bias=True,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), use_mctf=True,
+        mctf_type=[r, 0, 0, 1, 1, 1, 20, 40, 1, 1, 0], task_type=[1, 0, 0],
+        activate_layer=list(range(1, DEPTH)),
+    )  # fmt: skip
+    load_ours(official, ours)
+    return official
+
+
 # (option, label, our overrides, the official model given ours)
 CASES = [
     ("tome", "ToMe, DeiT-S-distilled, multi-layer r=8",
@@ -126,6 +213,18 @@ CASES = [
     ("tnt", "TNT, DeiT-S-distilled, after blocks 2, 3, 4, K=0.7 (untrained heads)",
      ["model=deit_small_distilled", "method=tnt", "schedule=multi", "keep_rate=0.7"],
      lambda root, ours: tnt(root, ours, 0.7)),
+    ("atc", "ATC, DeiT-S, inside blocks 3, 6, 9, rho=0.7, average linkage",
+     ["model=deit_small", "method=atc", "schedule=multi", "keep_rate=0.7", "method.linkage=average"],
+     lambda root, ours: atc(root, ours, 0.7, "average")),
+    ("atc", "ATC, DeiT-S, inside blocks 3, 6, 9, rho=0.7, complete linkage (official README)",
+     ["model=deit_small", "method=atc", "schedule=multi", "keep_rate=0.7", "method.linkage=complete"],
+     lambda root, ours: atc(root, ours, 0.7, "complete")),
+    ("diffrate", "DiffRate, DeiT-S, the released 2.9 GFLOPs schedule",
+     ["model=deit_small", "method=diffrate", "method.released=deit_s_2.9g"],
+     lambda root, ours: diffrate(root, ours, "deit_s_2.9g")),
+    ("mctf", "MCTF, DeiT-S, before the attention of blocks 1-11, r=16",
+     ["model=deit_small", "method=mctf", "schedule=multi", "method.r=16"],
+     lambda root, ours: mctf(root, ours, 16)),
 ]  # fmt: skip
 
 
@@ -142,7 +241,7 @@ def max_logit_diff(ours: torch.nn.Module, official: torch.nn.Module, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name in ("tome", "evit", "dynamicvit", "tnt"):
+    for name in ("tome", "evit", "dynamicvit", "tnt", "atc", "diffrate", "mctf"):
         parser.add_argument(f"--{name}", type=Path, help=f"the official {name} checkout")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
