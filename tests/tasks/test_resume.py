@@ -94,10 +94,11 @@ class Stop(Exception):
 
 
 class StepCounter(L.Callback):
-    """Counts the optimisation steps a ``fit`` runs, and stops it when epoch ``stop_at`` starts."""
+    """Counts the optimisation steps and full validations (not the sanity check) a training runs,
+    and stops it when epoch ``stop_at`` starts."""
 
     def __init__(self, stop_at: int | None = None) -> None:
-        self.stop_at, self.steps = stop_at, 0
+        self.stop_at, self.steps, self.validations = stop_at, 0, 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.stop_at:
@@ -105,6 +106,9 @@ class StepCounter(L.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         self.steps += 1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validations += not trainer.sanity_checking
 
 
 def add_callback(monkeypatch, module, counter: StepCounter) -> None:
@@ -125,6 +129,13 @@ def test_training_stopped_after_epoch_1_resumes_there_to_the_uninterrupted_param
     straight = {n: p.detach().clone() for n, p in module.reducer.trainable_parameters()}
     steps_per_epoch = counter.steps // EPOCHS
     assert metrics["resumed_from_epoch"] is None and steps_per_epoch > 0
+    assert counter.validations == EPOCHS  # the last epoch's validation gives the metrics: none again
+
+    counter = StepCounter()
+    add_callback(monkeypatch, train, counter)
+    _, again = train.fit(cfg, spec, tmp_path / "straight", False)  # resumed after its last epoch
+    assert (counter.steps, counter.validations) == (0, 1)
+    assert again["val_acc1"] == metrics["val_acc1"]
 
     counter = StepCounter(stop_at=1)
     add_callback(monkeypatch, train, counter)
@@ -150,6 +161,7 @@ def test_pretraining_stopped_after_epoch_1_resumes_there_to_the_uninterrupted_we
     add_callback(monkeypatch, common, counter)
     pretrain_fn(cfg)(straight, spec)  # no work folder: nothing kept
     steps_per_epoch = counter.steps // EPOCHS
+    assert counter.validations == 1  # at the end of the fit only, and not again after it
     model = create_model(spec)
     add_callback(monkeypatch, common, StepCounter(stop_at=1))
     with pytest.raises(Stop):

@@ -62,6 +62,9 @@ class ImageClassifier(L.LightningModule):
             }
         )
         self.counts: dict[str, dict[str, int]] = {}
+        # The training step of the last full validation (not the sanity check): a caller that needs
+        # the trained model's validation accuracy runs one only if the fit did not end on one.
+        self.validated_at_step: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -125,6 +128,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.trainer.global_step
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

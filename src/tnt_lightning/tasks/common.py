@@ -178,7 +178,8 @@ def pretrain_fn(cfg: DictConfig, loggers: list[Logger] | bool = False):
             if drop_hook is not None:
                 drop_hook.remove()
                 model.patch_drop = nn.Identity()
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if module.validated_at_step != trainer.global_step:  # patch dropout is off in validation
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         model.cpu().eval()
         accuracy = module.accuracy("val")
         return {

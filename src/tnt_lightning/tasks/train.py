@@ -145,7 +145,8 @@ def fit(
         )
     ckpt_path = str(checkpoints.path) if start is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if module.validated_at_step != trainer.global_step:  # e.g. resumed after its last epoch
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     accuracy = module.accuracy("val")
     metrics = {
         "val_acc1": accuracy["acc1"],
