@@ -205,15 +205,22 @@ demo: ## The embedded default end to end, offline: baseline, all-methods sweep, 
 # ToMe at K = 0.7 and 0.5 (it merges at most half of the tokens in one layer), the multi-layer
 # defaults, token maps of Random, Top-K, TNT and DynamicViT at K = 0.3 for both seeds, and the report
 # of every cluttered_mnist run in reports/cmnist_study (under TNT_ROOT if set). Every step must succeed.
+# A seed's runs share nothing with another seed's (its own backbone and trainings), so the seeds run
+# as parallel lanes, each on its share of the cores (docs/design-notes.md#study-time).
+STUDY_SEEDS ?= 0 1
+STUDY_THREADS ?= $(shell n=$$(( $$(nproc) / $(words $(STUDY_SEEDS)) )); echo $$(( n > 0 ? n : 1 )))
 STUDY = model=vit_cmnist data=cluttered_mnist measure=quick sweep_name=cmnist_study skip_recorded=true 'model.pretrain.seed=$${seed}'
 STUDY_MAPS = $(STUDY) 'visualize.out_dir=$${paths.root_dir}/reports/token_maps_cmnist'
 study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offline: sweep, token maps, report
-	$(PYTHON) run.py -m $(STUDY) seed=0,1
-	$(PYTHON) run.py -m +sweep=cmnist_study
-	$(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5 seed=0,1
-	$(PYTHON) run.py -m +sweep=cmnist_study_multi
-	$(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 seed=0,1 $(STUDY_MAPS)
+	$(MAKE) -j$(words $(STUDY_SEEDS)) $(addprefix study-seed-,$(STUDY_SEEDS))
 	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)
+
+study-seed-%:
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m $(STUDY) seed=$*
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m +sweep=cmnist_study seed=$*
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5 seed=$*
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m +sweep=cmnist_study_multi seed=$*
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 seed=$* $(STUDY_MAPS)
 
 # The study's mean-pooled column (vit_cmnist_meanpool, no CLS token, as the paper's ViT/16): its
 # backbones (one per seed), TNT, Random, Zero-TP and DynamicViT x K = 0.7, 0.5, 0.3, 0.2 with two

@@ -619,8 +619,8 @@ def test_backbone_fine_tuning_is_in_the_artefact_key_and_frozen_keeps_the_old_ke
         )
         return training_dir(cfg, spec, reducer), training_identity(cfg, spec, reducer)
 
-    tuned, frozen = key(), key("method.train.backbone_lr_scale=0")
-    assert tuned[1]["recipe"]["backbone_lr_scale"] == 0.01  # the official recipe's default
+    tuned, frozen = key("data.train_overrides.dynamicvit.backbone_lr_scale=0.01"), key()  # the study freezes
+    assert tuned[1]["recipe"]["backbone_lr_scale"] == 0.01  # the official recipe's
     assert tuned[0] != frozen[0]
     assert "backbone_lr_scale" not in frozen[1]["recipe"]  # artefacts trained before the option match
 
