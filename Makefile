@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock check-data test test-anchors test-default-run test-resume test-full lint clean clean-all bench sweep slurm slurm-dry \
-	slurm-submit slurm-status test-slurm demo study study-meanpool report gpu-check gpu-check-smoke test-wheel \
+	slurm-submit slurm-status test-slurm demo study study-field study-meanpool report gpu-check gpu-check-smoke test-wheel \
 	conformance docs docs-serve
 
 help: ## List the targets
@@ -209,6 +209,9 @@ demo: ## The embedded default end to end, offline: baseline, all-methods sweep, 
 # as parallel lanes, each on its share of the cores (docs/design-notes.md#study-time).
 STUDY_SEEDS ?= 0 1
 STUDY_THREADS ?= $(shell n=$$(( $$(nproc) / $(words $(STUDY_SEEDS)) )); echo $$(( n > 0 ? n : 1 )))
+# Lightning's sanity check would validate on all 1000 held-out canvases (two batches) once more
+# before each of a lane's short trainings; the trainer settings are not part of any experiment key.
+STUDY_RUN = OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m +trainer.num_sanity_val_steps=0
 STUDY = model=vit_cmnist data=cluttered_mnist measure=quick sweep_name=cmnist_study skip_recorded=true 'model.pretrain.seed=$${seed}'
 STUDY_MAPS = $(STUDY) 'visualize.out_dir=$${paths.root_dir}/reports/token_maps_cmnist'
 study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offline: sweep, token maps, report
@@ -216,11 +219,22 @@ study: ## The embedded study (paper's 196-token regime, cluttered MNIST), offlin
 	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)
 
 study-seed-%:
-	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m $(STUDY) seed=$*
-	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m +sweep=cmnist_study seed=$*
-	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m $(STUDY) method=tome keep_rate=0.7,0.5 seed=$*
-	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m +sweep=cmnist_study_multi seed=$*
-	OMP_NUM_THREADS=$(STUDY_THREADS) $(PYTHON) run.py -m task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 seed=$* $(STUDY_MAPS)
+	$(STUDY_RUN) $(STUDY) seed=$*
+	$(STUDY_RUN) +sweep=cmnist_study seed=$*
+	$(STUDY_RUN) $(STUDY) method=tome keep_rate=0.7,0.5 seed=$*
+	$(STUDY_RUN) +sweep=cmnist_study_multi seed=$*
+	$(STUDY_RUN) task=visualize method=random,topk,tnt,dynamicvit keep_rate=0.3 seed=$* $(STUDY_MAPS)
+
+# The field's training-free methods on the study's backbones, into the same report, outside
+# `make study`'s 30 minutes: ATC at every K; DiffRate, MCTF, PPT and PiToMe at K = 0.7 and 0.5 (they
+# merge at most half of a block's tokens; DiffRate's released schedules reach no lower K).
+study-field: ## The field's training-free methods (ATC, DiffRate, MCTF, PPT, PiToMe) on the study's backbones, into its report
+	$(MAKE) -j$(words $(STUDY_SEEDS)) $(addprefix study-field-seed-,$(STUDY_SEEDS))
+	$(PYTHON) -m tnt_lightning.report --data cluttered_mnist --out $${TNT_ROOT:-.}/reports/cmnist_study $(REPORT_ARGS)
+
+study-field-seed-%:
+	$(STUDY_RUN) $(STUDY) method=atc keep_rate=0.7,0.5,0.3,0.2 seed=$*
+	$(STUDY_RUN) $(STUDY) method=diffrate,mctf,ppt,pitome keep_rate=0.7,0.5 seed=$*
 
 # The study's mean-pooled column (vit_cmnist_meanpool, no CLS token, as the paper's ViT/16): its
 # backbones (one per seed), TNT, Random, Zero-TP and DynamicViT x K = 0.7, 0.5, 0.3, 0.2 with two

@@ -43,7 +43,8 @@ SWEEP_EXCEPTIONS = {
             for m in ("spatial", "kmedoids", "dpcknn", "ats", "patchmerger", "sinkhorn", "sit")
         },
         **{
-            m: "the study covers the TNT paper's methods; the methods of the field added since are not in it"
+            m: "the field's methods run on the study's backbones in make study-field, outside make study's "
+            "30 minutes (ATC at every K; the others merge at most half of a block's tokens: K = 0.7, 0.5)"
             for m in ("ppt", "pitome", "atc", "mctf", "diffrate")
         },
     },
