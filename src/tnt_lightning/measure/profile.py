@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name")
     parser.add_argument("--method", required=True)
-    parser.add_argument("--keep-rate", type=float, default=0.7)
+    parser.add_argument("--keep-rate", type=float, default=0.5)
     parser.add_argument("--schedule", default="multi", choices=["single", "multi"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--passes", type=int, default=3, help="passes per model and round")
