@@ -241,7 +241,7 @@ def max_logit_diff(ours: torch.nn.Module, official: torch.nn.Module, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name in ("tome", "evit", "dynamicvit", "tnt", "atc", "diffrate", "mctf"):
+    for name in dict.fromkeys(option for option, *_ in CASES):
         parser.add_argument(f"--{name}", type=Path, help=f"the official {name} checkout")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)

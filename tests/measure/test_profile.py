@@ -19,7 +19,12 @@ def test_the_difference_is_per_operator_largest_first_and_says_what_the_gflops_c
 
 
 def test_method_options_are_read_as_numbers_where_they_are_numbers():
-    assert profile.parse_options(["r=8", "alpha=0.5", "mode=avg"]) == {"r": 8, "alpha": 0.5, "mode": "avg"}
+    assert profile.parse_options(["r=8", "alpha=0.5", "mode=avg", "blocks=[3, 6, 9]"]) == {
+        "r": 8,
+        "alpha": 0.5,
+        "mode": "avg",
+        "blocks": [3, 6, 9],
+    }
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         profile.parse_options(["r"])
 

@@ -11,8 +11,8 @@ between the two is that work, named (``docs/speed.md#profile``)::
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from ..methods.assembly import prune
-from .batch_sweep import reference
+from .batch_sweep import interleaved, reference
 from .flops import gflops, token_trace
 
 # Operators whose multiply-adds the GFLOPs count (measure/flops.py): the matmuls of the linear
@@ -64,43 +64,26 @@ def op_times(model: nn.Module, inputs: torch.Tensor, passes: int) -> dict[str, f
     return dict(times)
 
 
-def wall_ms(model: nn.Module, inputs: torch.Tensor, passes: int) -> float:
-    """Mean wall time of one pass in ms over ``passes`` unprofiled passes."""
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for _ in range(passes):
-            model(inputs)
-    return 1e3 * (time.perf_counter() - start) / passes
-
-
-def interleaved(
-    models: dict[str, nn.Module], inputs: torch.Tensor, passes: int, rounds: int
-) -> tuple[dict, dict]:
-    """Wall times and operator times of ``models``, taken in turn in each of ``rounds`` rounds (so
-    that a change of the machine's load falls on all of them), as medians over the rounds.
+def profiled(models: dict[str, nn.Module], inputs: torch.Tensor, passes: int, rounds: int) -> dict:
+    """Operator times of ``models``, profiled in turn in each of ``rounds`` rounds (so that a change
+    of the machine's load falls on all of them), as medians over the rounds.
 
     Returns:
-        Model name -> ms per pass, and model name -> {operator -> ms per pass}.
+        Model name -> {operator -> ms per pass}.
     """
-    with torch.inference_mode():
-        for model in models.values():
-            model(inputs)
-    walls: dict[str, list[float]] = defaultdict(list)
-    ops: dict[str, list[dict[str, float]]] = defaultdict(list)
+    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            walls[name].append(wall_ms(model, inputs, passes))
-            ops[name].append(op_times(model, inputs, passes))
-    medians = {}
-    for name, per_round in ops.items():
-        names = set().union(*per_round)
-        medians[name] = {op: statistics.median(r.get(op, 0.0) for r in per_round) for op in names}
-    return {name: statistics.median(w) for name, w in walls.items()}, medians
+            per_round[name].append(op_times(model, inputs, passes))
+    return {
+        name: {op: statistics.median(r.get(op, 0.0) for r in runs) for op in set().union(*runs)}
+        for name, runs in per_round.items()
+    }
 
 
-def difference_rows(method: dict[str, float], plain: dict[str, float], top: int) -> list[dict]:
+def difference_rows(method: dict[str, float], plain: dict[str, float], top: int | None = None) -> list[dict]:
     """The operators whose time differs most between the method and the plain model on its token
-    counts, largest first, with whether the GFLOPs count them."""
+    counts, largest first (the ``top`` of them, or all), with whether the GFLOPs count them."""
     rows = [
         {
             "op": op,
@@ -143,10 +126,11 @@ def profile_method(
     inputs = torch.randn(batch_size, *base.pretrained_cfg["input_size"])
     models = {"base": base, "method": pruned, "plain, same tokens": plain}
     flops = {name: gflops(m) for name, m in models.items()}
-    walls, ops = interleaved(models, inputs, passes, rounds)
-    every = difference_rows(
-        ops["method"], ops["plain, same tokens"], len(ops["method"]) + len(ops["plain, same tokens"])
-    )
+    with torch.inference_mode():
+        seconds = interleaved(models, inputs, rounds, number=passes, warmup=1)
+    ops = profiled({name: models[name] for name in ("method", "plain, same tokens")}, inputs, passes, rounds)
+    walls = {name: 1e3 * statistics.median(times) for name, times in seconds.items()}
+    every = difference_rows(ops["method"], ops["plain, same tokens"])
     rows = every[:top]
     extra = walls["method"] - walls["plain, same tokens"]
     uncounted = sum(r["extra_ms"] for r in every if not r["counted"])
@@ -178,19 +162,16 @@ def profile_method(
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, object]:
-    """``KEY=VALUE`` method options, values read as int, float or left as text."""
+    """``KEY=VALUE`` method options, each value a Python literal where it reads as one (``8``,
+    ``0.5``, ``[3, 6, 9]``), else text (``avg``)."""
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
-        for cast in (int, float):
-            try:
-                options[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
             options[key] = value
     return options
 
